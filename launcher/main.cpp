@@ -1,0 +1,195 @@
+// launcher/main.cpp - the compiled half of ./playground: list, run, tour, bench.
+//
+// ./playground builds the project, then runs this program with its own arguments.
+#include <CLI/CLI.hpp>
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <spawn.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "catalogue.hpp"
+
+extern char** environ;
+
+namespace {
+
+using playground::catalogue;
+using playground::LessonEntry;
+
+const LessonEntry* find_lesson(const std::string& id) {
+  for (const auto& e : catalogue()) {
+    if (e.id == id) return &e;
+  }
+  return nullptr;
+}
+
+std::vector<char*> make_argv(const std::string& path, const std::vector<std::string>& args) {
+  std::vector<char*> argv;
+  argv.push_back(const_cast<char*>(path.c_str()));
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  return argv;
+}
+
+int cmd_list() {
+  std::string chapter;
+  for (const auto& e : catalogue()) {
+    std::string ch = e.id.substr(0, e.id.find('/'));
+    if (ch != chapter) {
+      fmt::print("{}{}\n", chapter.empty() ? "" : "\n", ch);
+      chapter = ch;
+    }
+    fmt::print("  {:<32} {}\n", e.id.substr(e.id.find('/') + 1), e.summary);
+  }
+  fmt::print("\nrun one with: ./playground run <chapter/lesson> [-- args]\n");
+  return 0;
+}
+
+int cmd_run(const std::string& id, const std::vector<std::string>& args) {
+  const LessonEntry* e = find_lesson(id);
+  if (!e) {
+    fmt::print(stderr, "playground: no lesson '{}' (see ./playground list)\n", id);
+    return 2;
+  }
+  std::string path = playground::lesson_path(*e);
+  auto argv = make_argv(path, args);
+  ::execv(path.c_str(), argv.data());
+  fmt::print(stderr, "playground: cannot run {}: {}\n", path, std::strerror(errno));
+  return 1;
+}
+
+// Runs a lesson with its output in `log`, returns its wait status (or -1 on failure).
+int run_logged(const LessonEntry& e, const std::string& log) {
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, log.c_str(),
+                                   O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
+  posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+  std::string path = playground::lesson_path(e);
+  auto argv = make_argv(path, e.args);
+  pid_t pid = 0;
+  int rc = ::posix_spawn(&pid, path.c_str(), &fa, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0) {
+    fmt::print(stderr, "playground: cannot start {}: {}\n", path, std::strerror(rc));
+    return -1;
+  }
+  int status = 0;
+  while (::waitpid(pid, &status, 0) == -1) {
+    if (errno != EINTR) {
+      fmt::print(stderr, "playground: cannot wait for {}: {}\n", path, std::strerror(errno));
+      return -1;
+    }
+  }
+  return status;
+}
+
+int cmd_tour(const std::string& filter) {
+  std::string logdir = MP_BUILD_DIR "/tour";
+  ::mkdir(logdir.c_str(), 0755);  // may exist already
+  struct Row {
+    std::string id;
+    double seconds;
+    bool ok;
+    std::string log;
+  };
+  std::vector<Row> rows;
+  std::vector<const LessonEntry*> todo;
+  for (const auto& e : catalogue()) {
+    if (filter.empty() || e.id.find(filter) != std::string::npos) todo.push_back(&e);
+  }
+  bool tty = ::isatty(STDOUT_FILENO);
+  for (std::size_t i = 0; i < todo.size(); ++i) {
+    const LessonEntry& e = *todo[i];
+    fmt::print("{}[{}/{}] {:<44}", tty ? "\r" : "", i + 1, todo.size(), e.id);
+    std::fflush(stdout);
+    std::string log = logdir + "/" + e.id.substr(0, e.id.find('/')) + "__" +
+                      e.id.substr(e.id.find('/') + 1) + ".log";
+    auto t0 = std::chrono::steady_clock::now();
+    int status = run_logged(e, log);
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    bool ok = status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    rows.push_back({e.id, s, ok, log});
+    if (!tty) fmt::print("{}\n", ok ? "ok" : "FAILED");
+  }
+  if (tty) fmt::print("\r{:<60}\r", "");
+
+  fmt::print("\n{:<44} {:>8}  {}\n", "lesson", "seconds", "ok");
+  fmt::print("{:-<44} {:->8}  {:-<6}\n", "", "", "");
+  int failed = 0;
+  double total = 0;
+  for (const auto& r : rows) {
+    fmt::print("{:<44} {:>8.2f}  {}\n", r.id, r.seconds, r.ok ? "yes" : "NO");
+    total += r.seconds;
+    if (!r.ok) ++failed;
+  }
+  fmt::print("{:-<44} {:->8}  {:-<6}\n", "", "", "");
+  fmt::print("{:<44} {:>8.2f}  {}/{} ok\n", "total", total, rows.size() - failed, rows.size());
+  for (const auto& r : rows) {
+    if (r.ok) continue;
+    fmt::print(stderr, "\n--- {} failed; its output ({}):\n", r.id, r.log);
+    std::ifstream in(r.log);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    fmt::print(stderr, "{}", ss.str());
+  }
+  return failed == 0 ? 0 : 1;
+}
+
+int cmd_bench(const std::vector<std::string>& args) {
+  const LessonEntry* e = find_lesson("6_performance/ipc_benchmark");
+  if (!e) {
+    fmt::print("playground: the benchmark (6_performance/ipc_benchmark) is not built yet\n");
+    return 0;
+  }
+  return cmd_run(e->id, args);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"mp-playground: lessons in multiprocess programming, and the mp library",
+               "playground"};
+  app.require_subcommand(1);
+  auto* list = app.add_subcommand("list", "list the lessons, one line each");
+  std::string run_id;
+  std::vector<std::string> run_args;
+  auto* run = app.add_subcommand("run", "run one lesson: run <chapter/lesson> [-- args]");
+  run->add_option("lesson", run_id, "the lesson, as chapter/name")->required();
+  run->add_option("args", run_args, "arguments for the lesson (after --)");
+  std::string tour_filter;
+  auto* tour = app.add_subcommand("tour", "run every lesson with small defaults");
+  tour->add_option("--filter", tour_filter, "only lessons whose id contains this text");
+  std::vector<std::string> bench_args;
+  auto* bench = app.add_subcommand("bench", "run the IPC benchmark");
+  bench->add_option("args", bench_args, "arguments for the benchmark (after --)");
+  app.add_subcommand("test", "build and run every test (handled by ./playground itself)");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    fmt::print("{}", app.help());
+    return 0;
+  } catch (const CLI::ParseError& e) {
+    fmt::print(stderr, "playground: {} (try --help)\n", e.what());
+    return 2;
+  }
+  if (*list) return cmd_list();
+  if (*run) return cmd_run(run_id, run_args);
+  if (*tour) return cmd_tour(tour_filter);
+  if (*bench) return cmd_bench(bench_args);
+  fmt::print(stderr, "playground: 'test' is run by ./playground itself (ctest)\n");
+  return 2;
+}

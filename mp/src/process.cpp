@@ -1,0 +1,416 @@
+// mp/src/process.cpp - Process, the fork start method, and the child registry.
+#include "mp/process.hpp"
+
+#include <fmt/format.h>
+#include <poll.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cxxabi.h>
+#include <exception>
+#include <mutex>
+#include <typeinfo>
+
+#include "mp/detail/child.hpp"
+#include "mp/detail/fd.hpp"
+#include "mp/detail/pidfd.hpp"
+
+namespace mp {
+namespace detail {
+
+// How long a terminated child gets to exit before it is killed, when mp cleans up.
+constexpr int kTerminateGraceMs = 1000;
+
+struct ChildState {
+  std::string name;
+  bool daemon = false;
+  bool detached = false;
+  pid_t pid = 0;
+  UniqueFd pidfd;
+  std::optional<int> exitcode;
+
+  // Reaps the child if it has ended. With block, waits until it has. Returns whether it
+  // has ended (exitcode is then set).
+  bool reap(bool block) {
+    if (exitcode) return true;
+    siginfo_t info{};
+    int flags = WEXITED | (block ? 0 : WNOHANG);
+    if (retry_eintr([&] { return ::waitid(kPidfdIdtype, pidfd.get(), &info, flags); }) == -1) {
+      throw_errno(fmt::format("wait for process {} ({})", pid, name));
+    }
+    if (info.si_pid == 0) return false;  // WNOHANG and still running
+    exitcode = info.si_code == CLD_EXITED ? info.si_status : -info.si_status;
+    return true;
+  }
+
+  // Waits up to timeout_ms (negative: forever) for the child to end, without reaping.
+  bool wait_readable(int timeout_ms) const {
+    pollfd p{pidfd.get(), POLLIN, 0};
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+    for (;;) {
+      int r = ::poll(&p, 1, timeout_ms);
+      if (r > 0) return true;
+      if (r == 0) return false;
+      if (errno != EINTR) throw_errno(fmt::format("poll the sentinel of process {}", pid));
+      if (timeout_ms >= 0) {
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+            deadline - std::chrono::steady_clock::now());
+        timeout_ms = static_cast<int>(std::max<long long>(0, left.count()));
+      }
+    }
+  }
+
+  void send(int sig) {
+    if (exitcode) return;
+    if (pidfd_send_signal(pidfd.get(), sig) == -1 && errno != ESRCH) {
+      throw_errno(fmt::format("send {} to process {} ({})", signal_name(sig), pid, name));
+    }
+  }
+
+  // SIGTERM, a grace period, SIGKILL; then reap. For cleanup paths.
+  void stop() {
+    send(SIGTERM);
+    if (!wait_readable(kTerminateGraceMs)) send(SIGKILL);
+    reap(true);
+  }
+};
+
+namespace {
+
+// Everything mp knows about this process. Reset in each child.
+struct Registry {
+  std::mutex mutex;
+  std::vector<std::shared_ptr<ChildState>> children;  // started, not yet reaped
+  pid_t owner = ::getpid();
+  ProcessInfo self{::getpid(), "MainProcess", false};
+  std::optional<ProcessInfo> parent;
+  std::string identity;  // "" in the main process, "1", "1:2"... in children
+  int counter = 0;       // children started so far, for default names
+};
+
+Registry& registry() {
+  static Registry* r = [] {
+    auto* reg = new Registry;  // never destroyed: used by the atexit handler
+    std::atexit(+[] { cleanup_children_at_exit(); });
+    return reg;
+  }();
+  return *r;
+}
+
+// Drops the entries of children that have ended (reaping them). Caller holds the mutex.
+void prune_locked(Registry& reg) {
+  std::erase_if(reg.children, [](const std::shared_ptr<ChildState>& c) {
+    try {
+      return c->reap(false);
+    } catch (const std::exception& e) {
+      report_noexcept(e.what());
+      return true;
+    }
+  });
+}
+
+std::string exception_type_name() {
+  const std::type_info* t = abi::__cxa_current_exception_type();
+  if (!t) return "unknown exception";
+  int status = 0;
+  std::unique_ptr<char, void (*)(void*)> demangled(
+      abi::__cxa_demangle(t->name(), nullptr, nullptr, &status), std::free);
+  return status == 0 && demangled ? demangled.get() : t->name();
+}
+
+}  // namespace
+
+void cleanup_children_at_exit() noexcept {
+  Registry& reg = registry();
+  if (reg.owner != ::getpid()) return;
+  std::vector<std::shared_ptr<ChildState>> children;
+  {
+    std::lock_guard lock(reg.mutex);
+    children.swap(reg.children);
+  }
+  for (auto& c : children) {
+    if (c->detached) continue;
+    try {
+      if (c->daemon) {
+        c->stop();
+      } else {
+        c->reap(true);
+      }
+    } catch (const std::exception& e) {
+      report_noexcept(e.what());
+    }
+  }
+}
+
+std::string next_child_name() {
+  Registry& reg = registry();
+  std::lock_guard lock(reg.mutex);
+  int n = ++reg.counter;
+  return reg.identity.empty() ? fmt::format("Process-{}", n)
+                              : fmt::format("Process-{}:{}", reg.identity, n);
+}
+
+void enter_child(const LaunchSpec& spec, pid_t parent_pid) noexcept {
+  // The registry describes the parent's children; this process starts with none. The
+  // mutex is not touched: another thread of the parent may have held it at fork time.
+  Registry& reg = registry();
+  new (&reg.children) std::vector<std::shared_ptr<ChildState>>();  // forget, don't destroy
+  new (&reg.mutex) std::mutex();
+  reg.parent = reg.self;
+  reg.parent->pid = parent_pid;
+  std::string prefix = reg.identity.empty() ? "" : reg.identity + ":";
+  reg.identity = prefix + std::to_string(reg.counter);
+  reg.counter = 0;
+  reg.owner = ::getpid();
+  reg.self = ProcessInfo{::getpid(), spec.name, spec.daemon};
+
+  if (!spec.detached) {
+    // Die with the parent. If it died before this line, getppid() has changed already.
+    if (::prctl(PR_SET_PDEATHSIG, SIGKILL) == -1 || ::getppid() != parent_pid) {
+      std::_Exit(1);
+    }
+  }
+  // The kernel's name for this process (ps, top, /proc/PID/comm); at most 15 characters.
+  std::string comm = spec.name.substr(0, 15);
+  ::prctl(PR_SET_NAME, comm.c_str());  // cosmetic: failure is harmless
+}
+
+[[noreturn]] void run_child_and_exit(const LaunchSpec& spec) noexcept {
+  int status = 0;
+  try {
+    status = spec.body();
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "Process {} (pid {}) ended with an exception: {}: {}\n", spec.name,
+               ::getpid(), exception_type_name(), e.what());
+    status = 1;
+  } catch (...) {
+    fmt::print(stderr, "Process {} (pid {}) ended with an exception of type {}\n", spec.name,
+               ::getpid(), exception_type_name());
+    status = 1;
+  }
+  // Children this child started and left running are handled as at a normal exit
+  // (daemons terminated, the others joined). Then flush what the target printed and leave
+  // without running the parent's atexit handlers and static destructors, which belong to
+  // the parent's copy of the program.
+  cleanup_children_at_exit();
+  std::fflush(nullptr);
+  std::_Exit(status & 0xff);
+}
+
+// The fork start method: the child is a copy of the parent and runs the body directly.
+class ForkMethod final : public StartMethod {
+ public:
+  std::string_view name() const noexcept override { return "fork"; }
+
+  Launched launch(const LaunchSpec& spec) override {
+    // Unflushed output would otherwise be printed twice, once by each process.
+    std::fflush(nullptr);
+    pid_t parent = ::getpid();
+    pid_t pid = ::fork();
+    if (pid == -1) throw_errno(fmt::format("fork process '{}'", spec.name));
+    if (pid == 0) {
+      enter_child(spec, parent);
+      run_child_and_exit(spec);
+    }
+    int fd = pidfd_open(pid);
+    if (fd == -1) {
+      int err = errno;
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+      throw system_error(err, fmt::format("open a pidfd for process {} ('{}')", pid, spec.name));
+    }
+    return Launched{pid, fd};
+  }
+};
+
+StartMethod& fork_method() {
+  static ForkMethod m;
+  return m;
+}
+
+}  // namespace detail
+
+// ---- Context ----------------------------------------------------------------------------
+
+namespace {
+std::mutex g_default_mutex;
+detail::StartMethod* g_default_method = nullptr;
+}  // namespace
+
+Context get_context(std::string_view method) {
+  if (method.empty()) {
+    std::lock_guard lock(g_default_mutex);
+    return Context(g_default_method ? g_default_method : &detail::fork_method());
+  }
+  if (method == "fork") return Context(&detail::fork_method());
+  throw std::invalid_argument(fmt::format(
+      "cannot get context '{}': unknown start method (known: {})", method,
+      fmt::join(get_all_start_methods(), ", ")));
+}
+
+void set_start_method(std::string_view method, bool force) {
+  Context ctx = get_context(method);
+  std::lock_guard lock(g_default_mutex);
+  if (g_default_method && !force && g_default_method != &ctx.method()) {
+    throw ProcessError(fmt::format("cannot set the start method to '{}': it is already '{}'",
+                                   method, g_default_method->name()));
+  }
+  g_default_method = &ctx.method();
+}
+
+std::string get_start_method() { return std::string(get_context().start_method()); }
+
+std::vector<std::string> get_all_start_methods() { return {"fork"}; }
+
+// ---- Process ----------------------------------------------------------------------------
+
+Process::Process() noexcept : context_(get_context("fork")) {}
+
+Process::Process(const Context& context, std::function<int()> body) : context_(context) {
+  spec_.name = detail::next_child_name();
+  spec_.body = std::move(body);
+}
+
+Process::Process(Process&& other) noexcept
+    : context_(other.context_),
+      spec_(std::move(other.spec_)),
+      state_(std::move(other.state_)) {}
+
+Process& Process::operator=(Process&& other) noexcept {
+  if (this != &other) {
+    release();
+    context_ = other.context_;
+    spec_ = std::move(other.spec_);
+    state_ = std::move(other.state_);
+  }
+  return *this;
+}
+
+Process::~Process() { release(); }
+
+void Process::release() noexcept {
+  if (!state_ || state_->detached) {
+    state_.reset();
+    return;
+  }
+  try {
+    if (!state_->exitcode) {
+      if (state_->daemon || std::uncaught_exceptions() > 0) {
+        state_->stop();
+      } else {
+        state_->reap(true);
+      }
+    }
+  } catch (const std::exception& e) {
+    detail::report_noexcept(e.what());
+  }
+  state_.reset();
+}
+
+const std::string& Process::name() const noexcept { return spec_.name; }
+bool Process::daemon() const noexcept { return spec_.daemon; }
+bool Process::detached() const noexcept { return spec_.detached; }
+
+void Process::set_name(std::string name) {
+  if (state_) throw ProcessError("cannot rename a process after start()");
+  spec_.name = std::move(name);
+}
+
+void Process::set_daemon(bool daemon) {
+  if (state_) throw ProcessError("cannot change daemon after start()");
+  spec_.daemon = daemon;
+}
+
+void Process::set_detached(bool detached) {
+  if (state_) throw ProcessError("cannot change detached after start()");
+  spec_.detached = detached;
+}
+
+void Process::start() {
+  if (state_) throw ProcessError(fmt::format("cannot start process '{}' twice", spec_.name));
+  if (!spec_.body) throw ProcessError("cannot start an empty Process");
+  auto state = std::make_shared<detail::ChildState>();
+  state->name = spec_.name;
+  state->daemon = spec_.daemon;
+  state->detached = spec_.detached;
+
+  detail::Registry& reg = detail::registry();
+  // Holding the registry lock across the launch keeps other threads from changing it
+  // while a fork copies it.
+  std::lock_guard lock(reg.mutex);
+  detail::prune_locked(reg);  // reap children that ended since the last start, as Python does
+  detail::Launched child = context_.method().launch(spec_);
+  state->pid = child.pid;
+  state->pidfd.reset(child.pidfd);
+  reg.children.push_back(state);
+  state_ = std::move(state);
+}
+
+void Process::join() {
+  if (!state_) throw ProcessError(fmt::format("cannot join process '{}': not started", spec_.name));
+  state_->reap(true);
+}
+
+bool Process::join(Seconds timeout) {
+  if (!state_) throw ProcessError(fmt::format("cannot join process '{}': not started", spec_.name));
+  if (state_->exitcode) return true;
+  auto ms = std::chrono::ceil<std::chrono::milliseconds>(std::max(timeout, Seconds{0}));
+  if (!state_->wait_readable(static_cast<int>(std::min<long long>(ms.count(), INT32_MAX)))) {
+    return false;
+  }
+  return state_->reap(true);
+}
+
+bool Process::is_alive() { return state_ && !state_->reap(false); }
+
+void Process::terminate() {
+  if (state_) state_->send(SIGTERM);
+}
+
+void Process::kill() {
+  if (state_) state_->send(SIGKILL);
+}
+
+std::optional<int> Process::exitcode() {
+  if (!state_) return std::nullopt;
+  state_->reap(false);
+  return state_->exitcode;
+}
+
+pid_t Process::pid() const noexcept { return state_ ? state_->pid : 0; }
+int Process::sentinel() const noexcept { return state_ ? state_->pidfd.get() : -1; }
+
+// ---- free functions ---------------------------------------------------------------------
+
+ProcessInfo current_process() {
+  auto& reg = detail::registry();
+  std::lock_guard lock(reg.mutex);
+  return reg.self;
+}
+
+std::optional<ProcessInfo> parent_process() {
+  auto& reg = detail::registry();
+  std::lock_guard lock(reg.mutex);
+  return reg.parent;
+}
+
+std::vector<ProcessInfo> active_children() {
+  auto& reg = detail::registry();
+  std::lock_guard lock(reg.mutex);
+  detail::prune_locked(reg);
+  std::vector<ProcessInfo> out;
+  for (auto& c : reg.children) out.push_back({c->pid, c->name, c->daemon});
+  return out;
+}
+
+int cpu_count() {
+  long n = ::sysconf(_SC_NPROCESSORS_ONLN);
+  if (n == -1) throw_errno("read the number of online CPUs");
+  return static_cast<int>(n);
+}
+
+}  // namespace mp

@@ -1,0 +1,60 @@
+// tests/lessons/all_lessons.cpp - the rules every lesson follows (DESIGN.md, "The curriculum").
+#include <catch2/catch.hpp>
+
+#include "catalogue.hpp"
+#include "run.hpp"
+#include "shm.hpp"
+
+using playground::catalogue;
+
+TEST_CASE("lessons: every lesson runs with its tour arguments and --json reports ok",
+          "[lessons]") {
+  REQUIRE_FALSE(catalogue().empty());
+  for (const auto& e : catalogue()) {
+    DYNAMIC_SECTION(e.id) {
+      testing::ShmGuard shm;
+      testing::run_lesson_json(e.id, e.args);
+      CHECK(shm.leaked().empty());
+    }
+  }
+}
+
+TEST_CASE("lessons: an unknown flag exits 2 with one line on stderr", "[lessons]") {
+  for (const auto& e : catalogue()) {
+    DYNAMIC_SECTION(e.id) {
+      auto r = testing::run({testing::lesson_binary(e.id), "--bogus"});
+      CHECK(r.exit_code == 2);
+      CHECK(r.out.empty());
+      CHECK(testing::count_lines(r.err) == 1);
+      CHECK_THAT(r.err, Catch::Contains("--bogus"));
+    }
+  }
+}
+
+TEST_CASE("lessons: a bad value exits 2 with one line on stderr", "[lessons]") {
+  for (const auto& e : catalogue()) {
+    DYNAMIC_SECTION(e.id) {
+      // Every lesson that takes --workers rejects 0 and non-numbers.
+      auto help = testing::run({testing::lesson_binary(e.id), "--help"});
+      if (help.out.find("--workers") == std::string::npos) continue;
+      for (const char* bad : {"0", "many", "-3"}) {
+        auto r = testing::run({testing::lesson_binary(e.id), "--workers", bad});
+        INFO("--workers " << bad);
+        CHECK(r.exit_code == 2);
+        CHECK(testing::count_lines(r.err) == 1);
+      }
+    }
+  }
+}
+
+TEST_CASE("lessons: --help exits 0 and starts with the summary of the header comment",
+          "[lessons]") {
+  for (const auto& e : catalogue()) {
+    DYNAMIC_SECTION(e.id) {
+      auto r = testing::run({testing::lesson_binary(e.id), "--help"});
+      CHECK(r.exit_code == 0);
+      CHECK_THAT(r.out, Catch::StartsWith(e.summary));
+      CHECK_THAT(r.out, Catch::Contains("--json"));
+    }
+  }
+}

@@ -1,0 +1,38 @@
+// tests/support/run.hpp - runs a program and captures what it printed and how it ended.
+#pragma once
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+namespace testing {
+
+struct RunResult {
+  int exit_code = -1;  // the exit status, or -signal when a signal ended it
+  std::string out;
+  std::string err;
+  bool timed_out = false;
+};
+
+// Runs argv[0] with the arguments. A program still running after `timeout` is killed
+// (timed_out is then true): a hang guard, never a speed check.
+RunResult run(const std::vector<std::string>& argv,
+              std::chrono::seconds timeout = std::chrono::seconds(120));
+
+// The number of lines in s (a last line without '\n' counts).
+int count_lines(const std::string& s);
+
+}  // namespace testing
+
+#include <nlohmann/json.hpp>
+
+namespace testing {
+
+// Runs build/<id> with args plus --json and returns the report. Fails the calling test
+// (Catch2 REQUIREs inside) unless it exits 0 with exactly one JSON object and ok == true.
+nlohmann::json run_lesson_json(const std::string& id, std::vector<std::string> args = {});
+
+// The path of a lesson binary: build/<chapter>/<name>.
+std::string lesson_binary(const std::string& id);
+
+}  // namespace testing
