@@ -37,19 +37,24 @@ void sleep_ms(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms
 int check_args(std::string s, std::vector<int> v, double d) {
   return s == "hello" && v == std::vector<int>{1, 2, 3} && d == 2.5 ? 7 : 1;
 }
-int check_identity(pid_t parent, std::string expected_name) {
+// parent_process() is the process that started the child. Under fork and spawn that is
+// also the kernel's parent (getppid); a forkserver child's kernel parent is the server.
+int check_identity(pid_t parent, std::string expected_name, bool kernel_parent_too) {
   auto p = mp::parent_process();
-  if (!p || p->pid != parent || p->pid != ::getppid()) return 2;
+  if (!p || p->pid != parent) return 2;
+  if (kernel_parent_too && ::getppid() != parent) return 5;
   if (mp::current_process().name != expected_name) return 3;
   if (mp::current_process().pid != ::getpid()) return 4;
   return 0;
 }
 
-// True when `pid` is no child of ours any more (reaped): no zombie left.
+// True when `pid` is gone for good: not our child any more, and reaped by whoever was its
+// parent (a zombie still answers kill(pid, 0); forkserver children are the server's).
 bool reaped(pid_t pid) {
   siginfo_t info{};
-  return ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG) == -1 &&
-         errno == ECHILD;
+  bool not_ours = ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG) == -1 &&
+                  errno == ECHILD;
+  return not_ours && ::kill(pid, 0) == -1 && errno == ESRCH;
 }
 
 // Waits (up to a generous hang guard) for a process that is not our child to be gone.
@@ -57,6 +62,7 @@ bool gone_within(int pidfd, std::chrono::seconds guard) {
   pollfd p{pidfd, POLLIN, 0};
   return ::poll(&p, 1, static_cast<int>(guard.count() * 1000)) == 1;
 }
+
 
 }  // namespace
 
@@ -163,7 +169,8 @@ TEST_CASE("process: names, current_process and parent_process", "[process]") {
   CHECK(mp::current_process().name == "MainProcess");
   CHECK(mp::current_process().pid == ::getpid());
   CHECK_FALSE(mp::parent_process());
-  mp::Process p{ctx, check_identity, ::getpid(), std::string("worker-a")};
+  mp::Process p{ctx, check_identity, ::getpid(), std::string("worker-a"),
+                ctx.start_method() != "forkserver"};
   CHECK_THAT(p.name(), Catch::StartsWith("Process-"));
   p.set_name("worker-a");
   p.start();
@@ -244,16 +251,37 @@ TEST_CASE("process: destroying a Process never leaves a zombie", "[process]") {
 }
 
 namespace {
-// A middle process: starts a grandchild that sleeps, reports its pid on report_fd, then
-// waits for one byte on go_fd before it returns (unless the test kills it first).
-int middle(int report_fd, int go_fd, bool daemon) {
+// A descriptor passed to a child: spawn and forkserver children get their own copy of it
+// through mp's descriptor channel (a plain int would name nothing there).
+struct Fd {
+  int fd = -1;
+  template <class Archive>
+  void save(Archive& ar) const {
+    ar(mp::detail::export_fd(fd));
+  }
+  template <class Archive>
+  void load(Archive& ar) {
+    std::uint32_t index = 0;
+    ar(index);
+    fd = mp::detail::import_fd(index);
+  }
+};
+
+bool readable_within(int fd, std::chrono::seconds guard) {
+  pollfd p{fd, POLLIN, 0};
+  return ::poll(&p, 1, static_cast<int>(guard.count() * 1000)) == 1;
+}
+
+// A middle process: starts a grandchild that sleeps, reports its pid on `report`, then
+// waits for one byte on `go` before it returns (unless the test kills it first).
+int middle(Fd report, Fd go, bool daemon) {
   mp::Process grandchild{sleep_ms, 60'000};
   grandchild.set_daemon(daemon);
   grandchild.start();
   pid_t pid = grandchild.pid();
-  if (::write(report_fd, &pid, sizeof pid) != sizeof pid) return 10;
+  if (::write(report.fd, &pid, sizeof pid) != sizeof pid) return 10;
   char c;
-  if (::read(go_fd, &c, 1) != 1) return 11;
+  if (::read(go.fd, &c, 1) != 1) return 11;
   return 0;
 }
 
@@ -274,9 +302,10 @@ TEST_CASE("process: children do not outlive their parent", "[process]") {
   Pipe report, go;
   bool daemon = GENERATE(true, false);
   INFO("grandchild daemon: " << daemon);
-  mp::Process mid{ctx, middle, report.fd[1], go.fd[0], daemon};
+  mp::Process mid{ctx, middle, Fd{report.fd[1]}, Fd{go.fd[0]}, daemon};
   mid.start();
   pid_t grandchild = 0;
+  REQUIRE(readable_within(report.fd[0], 60s));
   REQUIRE(::read(report.fd[0], &grandchild, sizeof grandchild) == sizeof grandchild);
   int gfd = mp::detail::pidfd_open(grandchild);
   REQUIRE(gfd >= 0);
@@ -314,7 +343,14 @@ TEST_CASE("process: a detached child may outlive its Process object", "[process]
   REQUIRE(fd >= 0);
   CHECK_FALSE(gone_within(fd, 0s));  // destroying the object did not end it
   REQUIRE(mp::detail::pidfd_send_signal(fd, SIGKILL) == 0);
-  siginfo_t info{};
-  REQUIRE(::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED) == 0);
+  CHECK(gone_within(fd, 60s));
   ::close(fd);
+  // mp still tracks it, and reaps it once it knows it has ended (a forkserver child's end
+  // is known when the server reports it, a moment after the pidfd says so).
+  auto guard = std::chrono::steady_clock::now() + 60s;
+  while (!mp::active_children().empty() && std::chrono::steady_clock::now() < guard) {
+    std::this_thread::sleep_for(1ms);
+  }
+  CHECK(mp::active_children().empty());
+  CHECK(reaped(pid));
 }

@@ -30,13 +30,21 @@ struct ChildState {
   bool daemon = false;
   bool detached = false;
   pid_t pid = 0;
-  UniqueFd pidfd;
+  UniqueFd pidfd;      // signals; waitid() when it is our own child
+  UniqueFd status_fd;  // forkserver children: the server sends the exit code here
   std::optional<int> exitcode;
+
+  int sentinel() const noexcept { return status_fd ? status_fd.get() : pidfd.get(); }
 
   // Reaps the child if it has ended. With block, waits until it has. Returns whether it
   // has ended (exitcode is then set).
   bool reap(bool block) {
     if (exitcode) return true;
+    if (status_fd) {
+      if (!block && !wait_readable(0)) return false;
+      exitcode = read_exit_status(status_fd.get(), pid);
+      return true;
+    }
     siginfo_t info{};
     int flags = WEXITED | (block ? 0 : WNOHANG);
     if (retry_eintr([&] { return ::waitid(kPidfdIdtype, pidfd.get(), &info, flags); }) == -1) {
@@ -49,7 +57,7 @@ struct ChildState {
 
   // Waits up to timeout_ms (negative: forever) for the child to end, without reaping.
   bool wait_readable(int timeout_ms) const {
-    pollfd p{pidfd.get(), POLLIN, 0};
+    pollfd p{sentinel(), POLLIN, 0};
     auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
     for (;;) {
       int r = ::poll(&p, 1, timeout_ms);
@@ -133,9 +141,10 @@ void cleanup_children_at_exit() noexcept {
     children.swap(reg.children);
   }
   for (auto& c : children) {
-    if (c->detached) continue;
     try {
-      if (c->daemon) {
+      if (c->detached) {
+        c->reap(false);  // collect it if it has ended; a running one goes on alone
+      } else if (c->daemon) {
         c->stop();
       } else {
         c->reap(true);
@@ -144,35 +153,40 @@ void cleanup_children_at_exit() noexcept {
       report_noexcept(e.what());
     }
   }
+  stop_forkserver();
 }
 
-std::string next_child_name() {
+std::string next_child_identity() {
   Registry& reg = registry();
   std::lock_guard lock(reg.mutex);
   int n = ++reg.counter;
-  return reg.identity.empty() ? fmt::format("Process-{}", n)
-                              : fmt::format("Process-{}:{}", reg.identity, n);
+  return reg.identity.empty() ? std::to_string(n) : fmt::format("{}:{}", reg.identity, n);
 }
 
-void enter_child(const LaunchSpec& spec, pid_t parent_pid) noexcept {
+ProcessInfo this_process_info() {
+  // No lock: `self` is written only by enter_child(), before the new process has other
+  // threads; and start() calls this while it holds the registry lock.
+  return registry().self;
+}
+
+void enter_child(const LaunchSpec& spec, const ProcessInfo& parent, pid_t reaper) noexcept {
   // The registry describes the parent's children; this process starts with none. The
   // mutex is not touched: another thread of the parent may have held it at fork time.
   Registry& reg = registry();
   new (&reg.children) std::vector<std::shared_ptr<ChildState>>();  // forget, don't destroy
   new (&reg.mutex) std::mutex();
-  reg.parent = reg.self;
-  reg.parent->pid = parent_pid;
-  std::string prefix = reg.identity.empty() ? "" : reg.identity + ":";
-  reg.identity = prefix + std::to_string(reg.counter);
+  reg.parent = parent;
+  reg.identity = spec.identity;
   reg.counter = 0;
   reg.owner = ::getpid();
   reg.self = ProcessInfo{::getpid(), spec.name, spec.daemon};
+  forget_forkserver();  // the parent's server connection is not this process's
 
   if (!spec.detached) {
-    // Die with the parent. If it died before this line, getppid() has changed already.
-    if (::prctl(PR_SET_PDEATHSIG, SIGKILL) == -1 || ::getppid() != parent_pid) {
-      std::_Exit(1);
-    }
+    // Die with the process that reaps us. If it died before this line, getppid() changed.
+    if (::prctl(PR_SET_PDEATHSIG, SIGKILL) == -1) std::_Exit(1);
+    // The parent died before the signal was armed: end as the signal would have ended us.
+    if (::getppid() != reaper) ::kill(::getpid(), SIGKILL);
   }
   // The kernel's name for this process (ps, top, /proc/PID/comm); at most 15 characters.
   std::string comm = spec.name.substr(0, 15);
@@ -209,11 +223,11 @@ class ForkMethod final : public StartMethod {
   Launched launch(const LaunchSpec& spec) override {
     // Unflushed output would otherwise be printed twice, once by each process.
     std::fflush(nullptr);
-    pid_t parent = ::getpid();
+    ProcessInfo parent = this_process_info();
     pid_t pid = ::fork();
     if (pid == -1) throw_errno(fmt::format("fork process '{}'", spec.name));
     if (pid == 0) {
-      enter_child(spec, parent);
+      enter_child(spec, parent, parent.pid);
       run_child_and_exit(spec);
     }
     int fd = pidfd_open(pid);
@@ -247,6 +261,8 @@ Context get_context(std::string_view method) {
     return Context(g_default_method ? g_default_method : &detail::fork_method());
   }
   if (method == "fork") return Context(&detail::fork_method());
+  if (method == "spawn") return Context(&detail::spawn_method());
+  if (method == "forkserver") return Context(&detail::forkserver_method());
   throw std::invalid_argument(fmt::format(
       "cannot get context '{}': unknown start method (known: {})", method,
       fmt::join(get_all_start_methods(), ", ")));
@@ -264,15 +280,16 @@ void set_start_method(std::string_view method, bool force) {
 
 std::string get_start_method() { return std::string(get_context().start_method()); }
 
-std::vector<std::string> get_all_start_methods() { return {"fork"}; }
+std::vector<std::string> get_all_start_methods() { return {"fork", "spawn", "forkserver"}; }
 
 // ---- Process ----------------------------------------------------------------------------
 
 Process::Process() noexcept : context_(get_context("fork")) {}
 
-Process::Process(const Context& context, std::function<int()> body) : context_(context) {
-  spec_.name = detail::next_child_name();
-  spec_.body = std::move(body);
+Process::Process(const Context& context, detail::LaunchSpec spec)
+    : context_(context), spec_(std::move(spec)) {
+  spec_.identity = detail::next_child_identity();
+  spec_.name = "Process-" + spec_.identity;
 }
 
 Process::Process(Process&& other) noexcept
@@ -346,6 +363,7 @@ void Process::start() {
   detail::Launched child = context_.method().launch(spec_);
   state->pid = child.pid;
   state->pidfd.reset(child.pidfd);
+  state->status_fd.reset(child.status_fd);
   reg.children.push_back(state);
   state_ = std::move(state);
 }
@@ -382,15 +400,11 @@ std::optional<int> Process::exitcode() {
 }
 
 pid_t Process::pid() const noexcept { return state_ ? state_->pid : 0; }
-int Process::sentinel() const noexcept { return state_ ? state_->pidfd.get() : -1; }
+int Process::sentinel() const noexcept { return state_ ? state_->sentinel() : -1; }
 
 // ---- free functions ---------------------------------------------------------------------
 
-ProcessInfo current_process() {
-  auto& reg = detail::registry();
-  std::lock_guard lock(reg.mutex);
-  return reg.self;
-}
+ProcessInfo current_process() { return detail::this_process_info(); }
 
 std::optional<ProcessInfo> parent_process() {
   auto& reg = detail::registry();

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "mp/context.hpp"
+#include "mp/detail/portable.hpp"
 #include "mp/error.hpp"
 
 namespace mp {
@@ -44,13 +45,17 @@ struct ChildState;
 
 // What a start method needs to create a child. `body` runs in the child and returns its
 // exit status; it may hold anything, so only start methods that copy the parent's memory
-// (fork) can run it. Start methods that build a fresh image need a portable description of
-// the target instead (see context.hpp).
+// (fork) can run it. Start methods that build a fresh image (spawn, forkserver) call
+// `portable` instead, which describes the target as data; it is empty when the target or
+// an argument cannot travel, and `not_portable_why` says why.
 struct LaunchSpec {
+  std::string identity;  // "3", or "1:3" in a child: its place in the family
   std::string name;
   bool daemon = false;
   bool detached = false;
   std::function<int()> body;
+  std::function<PortableTarget()> portable;
+  std::string not_portable_why;
 };
 
 // Runs a target with its arguments and maps the result to an exit status: an int result
@@ -90,7 +95,21 @@ class Process {
   template <class F, class... Args>
     requires std::invocable<std::decay_t<F>&, std::decay_t<Args>&...>
   Process(const Context& context, F&& target, Args&&... args)
-      : Process(context, make_body(std::forward<F>(target), std::forward<Args>(args)...)) {}
+      : Process(context, make_spec(std::forward<F>(target), std::forward<Args>(args)...)) {}
+
+  // The same with a start method fixed at compile time (mp::spawn, mp::forkserver): a
+  // target that cannot run in a fresh image (a lambda that captures, a pointer argument)
+  // is a compile-time error instead of a runtime one.
+  template <StartMethodTag Tag, class F, class... Args>
+    requires std::invocable<std::decay_t<F>&, std::decay_t<Args>&...>
+  Process(Tag tag, F&& target, Args&&... args)
+      : Process(get_context(tag.name), std::forward<F>(target), std::forward<Args>(args)...) {
+    static_assert(Tag::fork || detail::is_portable_v<std::decay_t<F>, std::decay_t<Args>...>,
+                  "spawn and forkserver children run a fresh copy of the program: the target "
+                  "must be a plain function or a lambda without captures, and every argument "
+                  "must be serializable (trivially copyable or supported by cereal), not a "
+                  "pointer or std::ref");
+  }
 
   Process(Process&& other) noexcept;
   Process& operator=(Process&& other) noexcept;
@@ -136,14 +155,31 @@ class Process {
   int sentinel() const noexcept;
 
  private:
-  Process(const Context& context, std::function<int()> body);
+  Process(const Context& context, detail::LaunchSpec spec);
 
+  // The target and its arguments are stored once, shared by the fork body and the
+  // portable description.
   template <class F, class... Args>
-  static std::function<int()> make_body(F&& target, Args&&... args) {
-    return [f = std::decay_t<F>(std::forward<F>(target)),
-            tup = std::tuple<std::decay_t<Args>...>(std::forward<Args>(args)...)]() mutable {
-      return detail::invoke_target(f, tup);
-    };
+  static detail::LaunchSpec make_spec(F&& target, Args&&... args) {
+    using Fn = std::decay_t<F>;
+    using Stored = std::pair<Fn, std::tuple<std::decay_t<Args>...>>;
+    auto stored = std::make_shared<Stored>(
+        Fn(std::forward<F>(target)),
+        std::tuple<std::decay_t<Args>...>(std::forward<Args>(args)...));
+    detail::LaunchSpec spec;
+    spec.body = [stored] { return detail::invoke_target(stored->first, stored->second); };
+    if constexpr (detail::is_portable_v<Fn, std::decay_t<Args>...>) {
+      spec.portable = [stored] { return detail::make_portable(stored->first, stored->second); };
+    } else if constexpr (!detail::PortableCallable<Fn>) {
+      spec.not_portable_why =
+          "its target is not a plain function or a lambda without captures (capturing "
+          "closures work only with the fork start method)";
+    } else {
+      spec.not_portable_why =
+          "an argument cannot be serialized (it must be trivially copyable or supported by "
+          "cereal, and not a pointer or std::ref); such arguments work only with fork";
+    }
+    return spec;
   }
 
   void release() noexcept;  // the destructor's work

@@ -4,7 +4,8 @@
 //   auto [n, s, v] = mp::loads<int, std::string, std::vector<int>>(bytes);
 //
 // Trivially copyable types (int, double, plain structs) are copied byte for byte: the fast
-// path. Everything else goes through cereal's binary archive, so a user type needs a
+// path, unless they define cereal functions of their own. Everything else goes through
+// cereal's binary archive, so a user type needs a
 // serialize() member or function as cereal documents it; the standard containers and
 // strings work out of the box. Pointers, references and views inside trivially copyable
 // types are copied as addresses, which mean nothing in another process: don't send them.
@@ -41,10 +42,21 @@
 
 namespace mp {
 
+// Types that say how cereal should serialize them (serialize, or save and load, as members
+// or free functions). They always go through cereal, even when trivially copyable: a handle
+// that holds a descriptor number must translate it, not copy it.
+template <class T>
+concept HasCerealFunctions =
+    cereal::traits::has_member_serialize<T, cereal::BinaryOutputArchive>::value ||
+    cereal::traits::has_non_member_serialize<T, cereal::BinaryOutputArchive>::value ||
+    cereal::traits::has_member_save<T, cereal::BinaryOutputArchive>::value ||
+    cereal::traits::has_non_member_save<T, cereal::BinaryOutputArchive>::value;
+
 // Types that take the memcpy fast path.
 template <class T>
 concept TriviallySerializable = std::is_trivially_copyable_v<T> && !std::is_pointer_v<T> &&
-                                !std::is_member_pointer_v<T> && !std::is_reference_v<T>;
+                                !std::is_member_pointer_v<T> && !std::is_reference_v<T> &&
+                                !HasCerealFunctions<T>;
 
 // Malformed or truncated bytes.
 class SerializationError : public std::runtime_error {
