@@ -100,10 +100,8 @@ int main(int argc, char** argv) {
     L.say("a target that throws: mp reports the exception on stderr and exits with 1");
     int thrown = run_to_end(mp::Process{throw_error});
     int aborted = run_to_end(mp::Process{abort_like_a_failed_assert});
-    L.say(
-        "returned normally: {}\nreturned 42:       {}\nthrew:             {}\nabort():           "
-        "{} ({})",
-        normal, answer, thrown, aborted, mp::describe_exitcode(aborted));
+    L.say("exit codes: normal return -> {}, return 42 -> {}, throw -> {}, abort() -> {} ({})",
+          normal, answer, thrown, aborted, mp::describe_exitcode(aborted));
 
     // Step 2: join(timeout) gives up on a child that runs on; terminate() sends SIGTERM.
     L.step(fmt::format("join({}s) on a child that sleeps 30 s, then terminate()", timeout));
@@ -166,10 +164,7 @@ int main(int argc, char** argv) {
     }
     std::optional<ProcStat> before = read_proc_stat(pid);
     char state_before = before ? before->state : '-';
-    L.say(
-        "child {} has ended; /proc/{}/stat says state {} (Z: zombie, only its exit status "
-        "is left)",
-        pid, pid, state_before);
+    L.say("child {} has ended; /proc/{}/stat shows state {} (Z: a zombie)", pid, pid, state_before);
     quick.join();
     siginfo_t info{};
     bool echild =

@@ -16,7 +16,9 @@
 
 #include <chrono>
 #include <csignal>
+#include <memory>
 #include <mp/process.hpp>
+#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -29,9 +31,8 @@ int g_value = 0;  // an ordinary global variable, for step 3
 bool is_prime(long n) {
   if (n < 2) return false;
   if (n % 2 == 0) return n == 2;
-  for (long d = 3; d * d <= n; d += 2) {
+  for (long d = 3; d * d <= n; d += 2)
     if (n % d == 0) return false;
-  }
   return true;
 }
 
@@ -40,75 +41,59 @@ bool is_prime(long n) {
 long count_primes(int part, int parts, long limit) {
   constexpr long kBlock = 4096;
   long count = 0;
-  for (long lo = part * kBlock; lo < limit; lo += parts * kBlock) {
+  for (long lo = part * kBlock; lo < limit; lo += parts * kBlock)
     for (long n = lo; n < std::min(lo + kBlock, limit); ++n) count += is_prime(n);
-  }
   return count;
 }
 
-// The reference answer, by another method: the sieve of Eratosthenes.
-long sieve_count(long limit) {
-  std::vector<bool> composite(static_cast<std::size_t>(limit), false);
-  long count = 0;
-  for (long n = 2; n < limit; ++n) {
-    if (composite[n]) continue;
-    ++count;
-    for (long m = n * n; m < limit; m += n) composite[m] = true;
-  }
-  return count;
-}
-
-// Memory shared with forked children (MAP_SHARED): how the processes hand back their
-// counts. Chapter 2 wraps this as mp::Array.
-class SharedLongs {
- public:
-  explicit SharedLongs(std::size_t n) : bytes_(n * sizeof(long)) {
-    void* p = ::mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) mp::throw_errno("map shared memory for the results");
-    data_ = static_cast<long*>(p);
-  }
-  SharedLongs(const SharedLongs&) = delete;
-  SharedLongs& operator=(const SharedLongs&) = delete;
-  ~SharedLongs() {
-    if (::munmap(data_, bytes_) == -1) mp::detail::report_noexcept("cannot unmap the results");
-  }
-  long& operator[](std::size_t i) { return data_[i]; }
-
- private:
-  std::size_t bytes_;
-  long* data_ = nullptr;
-};
-
-// Runs count_primes split over `parts` threads, or `parts` processes; returns the total.
+// Splits count_primes over `parts` threads, or `parts` forked processes; returns the total.
 long with_threads(int parts, long limit) {
   std::vector<long> counts(parts);
-  {
-    std::vector<std::jthread> threads;
-    for (int k = 0; k < parts; ++k) {
-      threads.emplace_back(
-          [&counts, k, parts, limit] { counts[k] = count_primes(k, parts, limit); });
-    }
-  }  // the jthreads join here
-  long total = 0;
-  for (long c : counts) total += c;
-  return total;
+  std::vector<std::jthread> threads;
+  for (int k = 0; k < parts; ++k) {
+    threads.emplace_back([&counts, k, parts, limit] { counts[k] = count_primes(k, parts, limit); });
+  }
+  threads.clear();  // a jthread joins when it is destroyed
+  return std::reduce(counts.begin(), counts.end());
 }
 long with_processes(int parts, long limit) {
-  SharedLongs counts(parts);
-  std::vector<mp::Process> children;
-  for (int k = 0; k < parts; ++k) {
-    long* slot = &counts[k];  // a pointer into shared memory: meaningful only under fork
-    children.emplace_back(mp::get_context("fork"),
-                          [slot, k, parts, limit] { *slot = count_primes(k, parts, limit); });
+  // The children hand back their counts through memory mapped MAP_SHARED, which fork does
+  // not copy (chapter 2 wraps this as mp::Array).
+  std::size_t bytes = parts * sizeof(long);
+  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) mp::throw_errno("map shared memory for the counts");
+  auto unmap = [bytes](long* q) {
+    if (::munmap(q, bytes) == -1) mp::detail::report_noexcept("cannot unmap the counts");
+  };
+  std::unique_ptr<long[], decltype(unmap)> counts(static_cast<long*>(p), unmap);
+  {
+    std::vector<mp::Process> children;
+    for (int k = 0; k < parts; ++k) {
+      long* slot = &counts[k];  // a pointer into shared memory: meaningful under fork only
+      auto work = [slot, k, parts, limit] { *slot = count_primes(k, parts, limit); };
+      children.emplace_back(mp::get_context("fork"), work).start();
+    }
+    for (auto& c : children) {
+      c.join();
+      if (c.exitcode() != 0) throw std::runtime_error("a counting process failed");
+    }
   }
-  for (auto& c : children) c.start();
-  long total = 0;
-  for (int k = 0; k < parts; ++k) {
-    children[k].join();
-    if (children[k].exitcode() != 0) throw std::runtime_error("a counting process failed");
-    total += counts[k];
-  }
-  return total;
+  return std::reduce(counts.get(), counts.get() + parts);
+}
+
+// Calls f() `times` times; returns the seconds that took.
+template <class F>
+double seconds_of(F&& f, int times = 1) {
+  auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < times; ++i) f();
+  return lesson::seconds_since(t0);
+}
+
+// A child that writes the global variable: in its own copy of the parent's memory.
+int write_global(const lesson::Lesson& L) {
+  g_value = 42;
+  L.say("child:  g_value at {} is {}", fmt::ptr(&g_value), g_value);
+  return g_value == 42 ? 0 : 1;
 }
 
 // A child that crashes: it writes to a page it may only read.
@@ -134,71 +119,49 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 10'000))
       ->capture_default_str();
   L.parse(argc, argv);
-  using Clock = std::chrono::steady_clock;
   // Every child here is forked: it starts as a copy of the parent (see process_contexts).
   const mp::Context fork = mp::get_context("fork");
 
   return L.run([&] {
-    // Step 1: create and join `starts` threads, then as many processes, each doing nothing.
+    // Step 1: create and join a thread that does nothing, `starts` times; then a process.
     L.step(fmt::format("creation cost: {} threads, then {} processes", starts, starts));
-    auto t0 = Clock::now();
-    {
-      std::vector<std::jthread> threads;
-      for (int i = 0; i < starts; ++i) threads.emplace_back([] {});
-    }
-    double thread_us = lesson::seconds_since(t0) * 1e6 / starts;
-    t0 = Clock::now();
-    {
-      std::vector<mp::Process> procs;
-      for (int i = 0; i < starts; ++i) procs.emplace_back(fork, [] {});
-      for (auto& p : procs) p.start();
-      for (auto& p : procs) p.join();
-    }
-    double process_us = lesson::seconds_since(t0) * 1e6 / starts;
+    auto start_thread = [] { std::thread([] {}).join(); };
+    auto start_process = [&] {
+      mp::Process p{fork, [] {}};
+      p.start();
+      p.join();
+    };
+    double thread_us = seconds_of(start_thread, starts) * 1e6 / starts;
+    double process_us = seconds_of(start_process, starts) * 1e6 / starts;
     L.say("thread:  {:8.1f} us to create and join\nprocess: {:8.1f} us, {:.1f} times as much",
           thread_us, process_us, process_us / thread_us);
 
     // Step 2: the same CPU-bound work, serial, then over 1..workers threads and processes.
     L.step(fmt::format("CPU-bound: count the primes below {}, {} CPUs online", items,
                        mp::cpu_count()));
-    long expected = sieve_count(items);
-    t0 = Clock::now();
-    long serial = count_primes(0, 1, items);
-    double serial_s = lesson::seconds_since(t0);
-    bool correct = serial == expected;
-    L.say("serial: {} primes in {:.3f} s (the sieve says {})", serial, serial_s, expected);
+    long expected = 0;  // the serial count is the reference
+    double serial_s = seconds_of([&] { expected = count_primes(0, 1, items); });
+    bool correct = true;
+    L.say("serial: {} primes in {:.3f} s", expected, serial_s);
     L.say("\n{:>7} {:>10} {:>8} {:>12} {:>8}", "workers", "threads s", "speedup", "processes s",
           "speedup");
     nlohmann::json table = nlohmann::json::array();
     for (int w = 1; w <= workers; ++w) {
-      t0 = Clock::now();
-      long by_threads = with_threads(w, items);
-      double threads_s = lesson::seconds_since(t0);
-      t0 = Clock::now();
-      long by_processes = with_processes(w, items);
-      double processes_s = lesson::seconds_since(t0);
+      long by_threads = 0, by_processes = 0;
+      double threads_s = seconds_of([&] { by_threads = with_threads(w, items); });
+      double processes_s = seconds_of([&] { by_processes = with_processes(w, items); });
       correct = correct && by_threads == expected && by_processes == expected;
       L.say("{:>7} {:>10.3f} {:>7.2f}x {:>12.3f} {:>7.2f}x", w, threads_s, serial_s / threads_s,
             processes_s, serial_s / processes_s);
-      table.push_back({{"workers", w},
-                       {"threads_s", threads_s},
-                       {"processes_s", processes_s},
-                       {"threads_speedup", serial_s / threads_s},
-                       {"processes_speedup", serial_s / processes_s}});
+      table.push_back({{"workers", w}, {"threads_s", threads_s}, {"processes_s", processes_s}});
     }
     L.say("every variant found {} primes: {}", expected, correct);
-    L.say(
-        "threads scale like processes: C++ has no global interpreter lock (Python's threads\n"
-        "would stay near 1x on this loop). Neither goes past the number of cores.");
+    L.say("no global interpreter lock: threads scale as processes do, up to the core count");
 
     // Step 3: isolation. A forked child writes the global in its own copy of memory; a
     // thread writes the one the parent reads.
     L.step("isolation: who sees a write to a global variable?");
-    mp::Process writer{fork, [&L] {
-                         g_value = 42;
-                         L.say("child:  g_value at {} is {}", fmt::ptr(&g_value), g_value);
-                         return g_value == 42 ? 0 : 1;
-                       }};
+    mp::Process writer{fork, write_global, std::cref(L)};
     writer.start();
     writer.join();
     int after_child = g_value;
@@ -217,8 +180,6 @@ int main(int argc, char** argv) {
     L.say("child {}; the parent (pid {}) carries on", mp::describe_exitcode(crash_code),
           mp::current_process().pid);
 
-    L.fact("workers", workers);
-    L.fact("items", items);
     L.fact("thread_start_us", thread_us);
     L.fact("process_start_us", process_us);
     L.fact("process_thread_start_ratio", process_us / thread_us);
