@@ -737,13 +737,3 @@ void set_forkserver_preload(const std::vector<void (*)()>& functions) {
 }
 
 }  // namespace mp
-
-// The child entry point, automatic: mp's CMake target links programs with -Wl,--wrap=main,
-// so the C runtime calls this instead of main(), after every static initializer has run.
-// In a spawn child or a forkserver it runs that and never returns; otherwise it calls the
-// program's own main().
-extern "C" int __real_main(int argc, char** argv, char** envp);
-extern "C" int __wrap_main(int argc, char** argv, char** envp) {
-  mp::freeze_support(argc, argv);
-  return __real_main(argc, argv, envp);
-}
