@@ -3,7 +3,6 @@
 // Cases that involve other processes run under each start method the build supports; their
 // targets are plain functions taking the queues as arguments. Timeouts here are hang guards
 // or lower bounds of what a timed call must wait, never speed checks.
-#include <catch2/catch.hpp>
 #include <signal.h>
 #include <sys/time.h>
 #include <sys/wait.h>
@@ -11,6 +10,7 @@
 
 #include <algorithm>
 #include <array>
+#include <catch2/catch.hpp>
 #include <cereal/types/string.hpp>
 #include <chrono>
 #include <cstdint>
@@ -232,14 +232,16 @@ TEST_CASE("queue: every kind of message survives the trip, across the ring's end
   mp::Queue<std::pair<int, double>> pairs(0, small);
   CHECK(strings.capacity() == 4096);
   for (int i = 0; i < 3000; ++i) {
-    std::string s = payload_for(1, static_cast<std::uint32_t>(i), static_cast<std::size_t>(i % 700));
+    std::string s =
+        payload_for(1, static_cast<std::uint32_t>(i), static_cast<std::size_t>(i % 700));
     strings.put(s);
     CHECK(strings.get() == s);
     std::vector<Odd> v(static_cast<std::size_t>(i % 50));
     for (std::size_t j = 0; j < v.size(); ++j) v[j] = {i, static_cast<int>(j), -i};
     odds.put(v);
     CHECK(odds.get() == v);
-    std::vector<std::string> l{s.substr(0, 10), "x", std::string(static_cast<std::size_t>(i % 300), 'y')};
+    std::vector<std::string> l{s.substr(0, 10), "x",
+                               std::string(static_cast<std::size_t>(i % 300), 'y')};
     lists.put(l);
     CHECK(lists.get() == l);
     pairs.put({i, i / 3.0});
@@ -401,9 +403,10 @@ TEST_CASE("priority queue: its block store is reused without loss", "[queue]") {
 
 // ---- across processes --------------------------------------------------------------------
 
-TEST_CASE("queue: several producers and consumers lose nothing, duplicate nothing, keep "
-          "each producer's order",
-          "[queue][processes]") {
+TEST_CASE(
+    "queue: several producers and consumers lose nothing, duplicate nothing, keep "
+    "each producer's order",
+    "[queue][processes]") {
   testing::ShmGuard shm;
   auto ctx = any_context();
   const std::uint32_t producers = 3, consumers = 3, per_producer = 1500;
@@ -659,8 +662,7 @@ TEST_CASE("joinable queue: join returns once workers in other processes have don
   CHECK(total == 1000L * 1001 / 2);
 }
 
-TEST_CASE("priority queue: producers in other processes, one global order",
-          "[queue][processes]") {
+TEST_CASE("priority queue: producers in other processes, one global order", "[queue][processes]") {
   auto ctx = any_context();
   mp::PriorityQueue<int> q(0, mp::QueueOptions{1 << 20});
   std::vector<mp::Process> procs;
@@ -690,8 +692,8 @@ TEST_CASE("priority queue: a process killed half way through an update is rolled
   std::vector<int> values;
   for (int i = 0; i < 64; ++i) values.push_back((i * 37) % 101);
   for (int v : values) q.put(v);
-  mp::Process p = in_put ? mp::Process{ctx, pq_put_and_die, q, -5}
-                         : mp::Process{ctx, pq_get_and_die, q};
+  mp::Process p =
+      in_put ? mp::Process{ctx, pq_put_and_die, q, -5} : mp::Process{ctx, pq_get_and_die, q};
   p.start();
   REQUIRE(p.join(60s));
   CHECK(p.exitcode() == -SIGKILL);

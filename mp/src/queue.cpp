@@ -96,8 +96,7 @@ class RobustGuard {
     }
     if (rc == EBUSY) {
       if (deadline && *deadline != kNoWait) {
-        auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                      deadline->time_since_epoch())
+        auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline->time_since_epoch())
                       .count();
         timespec ts{static_cast<time_t>(ns / 1'000'000'000), static_cast<long>(ns % 1'000'000'000)};
         rc = ::pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
@@ -201,9 +200,9 @@ void recover_if_abandoned(pthread_mutex_t* m, Repair&& repair) noexcept {
 
 std::size_t checked_capacity(std::size_t requested) {
   if (requested > kMaxCapacity) {
-    throw std::invalid_argument(fmt::format(
-        "cannot create a queue of {} bytes: the largest capacity is {} bytes", requested,
-        kMaxCapacity));
+    throw std::invalid_argument(
+        fmt::format("cannot create a queue of {} bytes: the largest capacity is {} bytes",
+                    requested, kMaxCapacity));
   }
   return std::bit_ceil(std::max(requested, kMinCapacity));
 }
@@ -279,8 +278,7 @@ using RingHeader = RingQueue::Header;
 void repair_put(RingHeader& h) noexcept {
   if (h.put_journal.active.load(memory_order_acquire) == 0) return;
   if (h.tail.load(memory_order_acquire) != h.put_journal.new_pos.load(memory_order_relaxed)) {
-    h.put_count.store(h.put_journal.new_count.load(memory_order_relaxed) - 1,
-                      memory_order_seq_cst);
+    h.put_count.store(h.put_journal.new_count.load(memory_order_relaxed) - 1, memory_order_seq_cst);
     if (h.join_waiters.load(memory_order_seq_cst) != 0) wake_all_noexcept(h.done_seq);
   }
   h.put_journal.active.store(0, memory_order_release);
@@ -325,11 +323,9 @@ RingQueue::RingQueue(Region region, std::uint64_t type_tag) : region_(std::move(
     throw SerializationError("cannot attach a queue: the shared memory holds no mp::Queue");
   }
   if (h_->type_tag != type_tag) {
-    throw SerializationError(
-        "cannot attach a queue: it was made for another message type");
+    throw SerializationError("cannot attach a queue: it was made for another message type");
   }
-  if (!std::has_single_bit(h_->capacity) ||
-      region_.size() < h_->ring_offset + h_->capacity) {
+  if (!std::has_single_bit(h_->capacity) || region_.size() < h_->ring_offset + h_->capacity) {
     throw SerializationError("cannot attach a queue: its header is damaged");
   }
   ring_ = static_cast<unsigned char*>(region_.data()) + h_->ring_offset;
@@ -352,8 +348,8 @@ Outcome RingQueue::put(const void* data, std::size_t n, Deadline deadline) {
     if (h.closed.load(memory_order_acquire)) return Outcome::shut_down;
     bool published = false;
     {
-      RobustGuard g(&h.put_lock, "the queue's producer lock", [&]() noexcept { repair_put(h); },
-                    deadline);
+      RobustGuard g(
+          &h.put_lock, "the queue's producer lock", [&]() noexcept { repair_put(h); }, deadline);
       if (!g.owns()) return Outcome::timed_out;
       if (h.closed.load(memory_order_acquire)) return Outcome::shut_down;
       const std::uint64_t tail = h.tail.load(memory_order_relaxed);
@@ -397,9 +393,9 @@ Outcome RingQueue::put(const void* data, std::size_t n, Deadline deadline) {
       if (h.closed.load(memory_order_seq_cst)) return true;
       std::uint64_t used = h.tail.load(memory_order_seq_cst) - h.head.load(memory_order_seq_cst);
       if (cap - used < rec) return false;
-      return h.maxsize == 0 || h.put_count.load(memory_order_seq_cst) -
-                                       h.get_count.load(memory_order_seq_cst) <
-                                   h.maxsize;
+      return h.maxsize == 0 ||
+             h.put_count.load(memory_order_seq_cst) - h.get_count.load(memory_order_seq_cst) <
+                 h.maxsize;
     });
     if (!ready) return Outcome::timed_out;
   }
@@ -418,8 +414,8 @@ Outcome RingQueue::get(ByteSink& sink, Deadline deadline) {
     const bool was_closed = h.closed.load(memory_order_acquire) != 0;
     bool retired = false;
     {
-      RobustGuard g(&h.get_lock, "the queue's consumer lock", [&]() noexcept { repair_get(h); },
-                    deadline);
+      RobustGuard g(
+          &h.get_lock, "the queue's consumer lock", [&]() noexcept { repair_get(h); }, deadline);
       if (!g.owns()) return Outcome::timed_out;
       const std::uint64_t head = h.head.load(memory_order_relaxed);
       std::uint64_t tail = h.cached_tail.load(memory_order_relaxed);
@@ -488,9 +484,7 @@ bool RingQueue::has_room_for_one() const noexcept {
 
 std::size_t RingQueue::maxsize() const noexcept { return h_->maxsize; }
 std::size_t RingQueue::capacity() const noexcept { return h_->capacity; }
-std::size_t RingQueue::max_message_size() const noexcept {
-  return h_->capacity - kRecordHeader;
-}
+std::size_t RingQueue::max_message_size() const noexcept { return h_->capacity - kRecordHeader; }
 
 void RingQueue::close() {
   Header& h = *h_;
@@ -593,9 +587,7 @@ namespace {
 using HeapHeader = PriorityCore::Header;
 
 unsigned char* base_of(HeapHeader& h) { return reinterpret_cast<unsigned char*>(&h); }
-U64* entry_words(HeapHeader& h) {
-  return reinterpret_cast<U64*>(base_of(h) + h.entries_offset);
-}
+U64* entry_words(HeapHeader& h) { return reinterpret_cast<U64*>(base_of(h) + h.entries_offset); }
 unsigned char* block_at(HeapHeader& h, std::uint64_t b) {
   return base_of(h) + h.blocks_offset + b * kBlockSize;
 }
@@ -608,8 +600,8 @@ void rollback(HeapHeader& h, std::size_t region_size) noexcept {
   for (std::uint64_t i = n; i-- > 0;) {
     std::uint64_t off = h.log[i].offset.load(memory_order_relaxed);
     if (off % 8 != 0 || off + 8 > region_size) continue;  // never written by us: ignore
-    reinterpret_cast<U64*>(base_of(h) + off)->store(h.log[i].old.load(memory_order_relaxed),
-                                                    memory_order_release);
+    reinterpret_cast<U64*>(base_of(h) + off)
+        ->store(h.log[i].old.load(memory_order_relaxed), memory_order_release);
   }
   h.log_len.store(0, memory_order_release);
 }
@@ -759,8 +751,9 @@ Outcome PriorityCore::put(const void* data, std::size_t n, PriorityOrder& order,
     if (h.closed.load(memory_order_acquire)) return Outcome::shut_down;
     bool stored = false;
     {
-      RobustGuard g(&h.lock, "the priority queue's lock",
-                    [&]() noexcept { rollback(h, region_.size()); }, deadline);
+      RobustGuard g(
+          &h.lock, "the priority queue's lock", [&]() noexcept { rollback(h, region_.size()); },
+          deadline);
       if (!g.owns()) return Outcome::timed_out;
       if (h.closed.load(memory_order_acquire)) return Outcome::shut_down;
       if (has_room()) {
@@ -801,9 +794,8 @@ Outcome PriorityCore::put(const void* data, std::size_t n, PriorityOrder& order,
     }
     if (stored) break;
     if (deadline == kNoWait) return Outcome::timed_out;
-    bool ready = wait_until(h.space_seq, h.put_waiters, deadline, [&] {
-      return h.closed.load(memory_order_seq_cst) != 0 || has_room();
-    });
+    bool ready = wait_until(h.space_seq, h.put_waiters, deadline,
+                            [&] { return h.closed.load(memory_order_seq_cst) != 0 || has_room(); });
     if (!ready) return Outcome::timed_out;
   }
   if (h.get_waiters.load(memory_order_seq_cst) != 0) wake_all(h.data_seq);
@@ -823,8 +815,9 @@ Outcome PriorityCore::get(ByteSink& sink, PriorityOrder& order, Deadline deadlin
     const bool was_closed = h.closed.load(memory_order_acquire) != 0;
     bool taken = false;
     {
-      RobustGuard g(&h.lock, "the priority queue's lock",
-                    [&]() noexcept { rollback(h, region_.size()); }, deadline);
+      RobustGuard g(
+          &h.lock, "the priority queue's lock", [&]() noexcept { rollback(h, region_.size()); },
+          deadline);
       if (!g.owns()) return Outcome::timed_out;
       const std::uint64_t count = h.count.load(memory_order_relaxed);
       if (count > 0) {

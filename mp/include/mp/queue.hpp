@@ -253,8 +253,8 @@ class Decoder final : public ByteSink {
   struct IsBasicString<std::basic_string<C, Tr, A>> : std::true_type {};
 
   static std::string size_mismatch(std::size_t got, std::size_t unit) {
-    return "cannot decode a queue message of " + std::to_string(got) +
-           " bytes as values of " + std::to_string(unit) + " bytes";
+    return "cannot decode a queue message of " + std::to_string(got) + " bytes as values of " +
+           std::to_string(unit) + " bytes";
   }
 
   alignas(T) unsigned char storage_[TriviallySerializable<T> ? sizeof(T) : 1];
@@ -384,7 +384,9 @@ class Queue {
   // std::length_error when the message can never fit (see max_message_size()).
   void put(const T& item) { check_put(do_put(item, std::nullopt)); }
   // Waits at most `timeout`, then throws Full.
-  void put(const T& item, Seconds timeout) { check_put(do_put(item, detail::deadline_of(timeout))); }
+  void put(const T& item, Seconds timeout) {
+    check_put(do_put(item, detail::deadline_of(timeout)));
+  }
   void put_nowait(const T& item) { check_put(do_put(item, detail::kNoWait)); }
   // false when there is no room (now, or within `timeout`).
   bool try_put(const T& item) { return try_put_outcome(do_put(item, detail::kNoWait)); }
@@ -400,9 +402,7 @@ class Queue {
   // std::nullopt when no message came (now, or within `timeout`), or the queue is closed
   // and drained (closed() tells which). Never throws Empty or ShutDown.
   std::optional<T> try_get() { return do_get(detail::kNoWait).second; }
-  std::optional<T> try_get(Seconds timeout) {
-    return do_get(detail::deadline_of(timeout)).second;
-  }
+  std::optional<T> try_get(Seconds timeout) { return do_get(detail::deadline_of(timeout)).second; }
 
   // The number of messages in the queue (a snapshot: others may change it at once).
   std::size_t qsize() const noexcept { return core_->qsize(); }
@@ -523,7 +523,9 @@ class PriorityQueue {
         compare_(std::move(compare)) {}
 
   void put(const T& item) { check_put(do_put(item, std::nullopt)); }
-  void put(const T& item, Seconds timeout) { check_put(do_put(item, detail::deadline_of(timeout))); }
+  void put(const T& item, Seconds timeout) {
+    check_put(do_put(item, detail::deadline_of(timeout)));
+  }
   void put_nowait(const T& item) { check_put(do_put(item, detail::kNoWait)); }
   bool try_put(const T& item) { return try_put_outcome(do_put(item, detail::kNoWait)); }
   bool try_put(const T& item, Seconds timeout) {
@@ -534,9 +536,7 @@ class PriorityQueue {
   T get(Seconds timeout) { return check_get(do_get(detail::deadline_of(timeout))); }
   T get_nowait() { return check_get(do_get(detail::kNoWait)); }
   std::optional<T> try_get() { return do_get(detail::kNoWait).second; }
-  std::optional<T> try_get(Seconds timeout) {
-    return do_get(detail::deadline_of(timeout)).second;
-  }
+  std::optional<T> try_get(Seconds timeout) { return do_get(detail::deadline_of(timeout)).second; }
 
   std::size_t qsize() const noexcept { return core_->qsize(); }
   bool empty() const noexcept { return qsize() == 0; }
