@@ -90,3 +90,17 @@ TEST_CASE("0_basics/process_vs_thread: every variant counts right, isolation, cr
   // The child's segmentation fault ended only the child.
   CHECK(r["crash_exitcode"] == -SIGSEGV);
 }
+
+TEST_CASE("0_basics/process_contexts: every method starts children; only fork deadlocks",
+          "[lessons][0_basics]") {
+  auto r = testing::run_lesson_json("0_basics/process_contexts", {"--runs", "3"});
+  for (const char* m : {"fork", "spawn", "forkserver"}) {
+    INFO(m);
+    CHECK(r["start_join_us"][m]["runs"] == 3);
+    CHECK(r["start_join_us"][m]["min_us"].get<double>() > 0);
+    CHECK(r["start_join_us"][m]["median_us"].get<double>() >=
+          r["start_join_us"][m]["min_us"].get<double>());
+  }
+  CHECK(r["fork_with_threads_deadlock_detected"] == true);
+  CHECK(r["deadlocked"] == nlohmann::json{{"fork", true}, {"spawn", false}, {"forkserver", false}});
+}
