@@ -18,6 +18,9 @@ namespace {
 
 constexpr std::uint32_t kMagic = 0x6d707379;  // "mpsy"
 
+// The longest a waiter sleeps before it checks again (see mutex_acquire).
+constexpr auto kParkSlice = std::chrono::milliseconds(100);
+
 std::string_view kind_name(SyncKind k) noexcept {
   switch (k) {
     case SyncKind::lock:
@@ -100,14 +103,22 @@ Acquired mutex_acquire(MutexState& m, bool block, const Deadline& deadline) {
       cpu_relax();
       if ((mutex_word(m) & FUTEX_TID_MASK) == 0) r = ::pthread_mutex_trylock(&m.mutex);
     }
-    // ...then sleep on the futex (glibc sets FUTEX_WAITERS so the holder wakes us).
-    if (r == EBUSY) {
-      if (deadline) {
-        timespec ts = to_timespec(*deadline);
-        r = ::pthread_mutex_clocklock(&m.mutex, CLOCK_MONOTONIC, &ts);
-      } else {
-        r = ::pthread_mutex_lock(&m.mutex);
+    // ...then sleep on the futex (glibc sets FUTEX_WAITERS so that the holder wakes us), in
+    // slices: a waiter woken by an unlock that is killed before it takes the lock swallows
+    // the wake-up while another process may have taken the lock meanwhile without
+    // FUTEX_WAITERS; the kernel cannot repair that case, and the other sleepers would wait
+    // for ever. Waking now and then to set the bit again bounds that loss to one slice.
+    while (r == EBUSY) {
+      auto now = std::chrono::steady_clock::now();
+      auto until = now + kParkSlice;
+      bool last = false;
+      if (deadline && *deadline <= until) {
+        until = *deadline;
+        last = true;
       }
+      timespec ts = to_timespec(until);
+      r = ::pthread_mutex_clocklock(&m.mutex, CLOCK_MONOTONIC, &ts);
+      if (r == ETIMEDOUT && !last) r = EBUSY;
     }
   }
   switch (r) {
