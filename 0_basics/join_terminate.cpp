@@ -91,21 +91,23 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.01, 10.0))
       ->capture_default_str();
   L.parse(argc, argv);
+  // Every child here is forked, so this process is its parent and must reap it.
+  const mp::Context fork = mp::get_context("fork");
 
   return L.run([&] {
     // Step 1: the exit code says how the target ended.
     L.step("exit codes");
-    int normal = run_to_end(mp::Process{return_normally});
-    int answer = run_to_end(mp::Process{return_answer});
+    int normal = run_to_end(mp::Process{fork, return_normally});
+    int answer = run_to_end(mp::Process{fork, return_answer});
     L.say("a target that throws: mp reports the exception on stderr and exits with 1");
-    int thrown = run_to_end(mp::Process{throw_error});
-    int aborted = run_to_end(mp::Process{abort_like_a_failed_assert});
+    int thrown = run_to_end(mp::Process{fork, throw_error});
+    int aborted = run_to_end(mp::Process{fork, abort_like_a_failed_assert});
     L.say("exit codes: normal return -> {}, return 42 -> {}, throw -> {}, abort() -> {} ({})",
           normal, answer, thrown, aborted, mp::describe_exitcode(aborted));
 
     // Step 2: join(timeout) gives up on a child that runs on; terminate() sends SIGTERM.
     L.step(fmt::format("join({}s) on a child that sleeps 30 s, then terminate()", timeout));
-    mp::Process slow{sleep_long};
+    mp::Process slow{fork, sleep_long};
     bool alive_before_start = slow.is_alive();
     slow.start();
     bool alive_after_start = slow.is_alive();
@@ -122,7 +124,7 @@ int main(int argc, char** argv) {
 
     // Step 3: kill() sends SIGKILL, which no process can catch, block or ignore.
     L.step("kill()");
-    mp::Process doomed{sleep_long};
+    mp::Process doomed{fork, sleep_long};
     doomed.start();
     doomed.kill();
     doomed.join();
@@ -135,7 +137,7 @@ int main(int argc, char** argv) {
     int fds[2];
     if (::pipe2(fds, O_CLOEXEC) == -1) mp::throw_errno("create a pipe");
     mp::detail::UniqueFd ready_r{fds[0]}, ready_w{fds[1]};
-    mp::Process stubborn{ignore_sigterm_then_sleep, ready_w.get()};
+    mp::Process stubborn{fork, ignore_sigterm_then_sleep, ready_w.get()};
     stubborn.start();
     ready_w.reset();  // only the child holds the write end now: EOF if it dies first
     char byte = 0;
@@ -155,7 +157,7 @@ int main(int argc, char** argv) {
     // Step 5: zombies. Wait on the sentinel, which tells us the child ended without
     // collecting it (is_alive() and exitcode() would collect it, as in Python).
     L.step("a zombie, and join() reaping it");
-    mp::Process quick{return_normally};
+    mp::Process quick{fork, return_normally};
     quick.start();
     pid_t pid = quick.pid();
     pollfd pfd{quick.sentinel(), POLLIN, 0};
