@@ -3,13 +3,19 @@
 
 #include <fmt/format.h>
 #include <linux/futex.h>
+#include <poll.h>
+#include <sys/random.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <mutex>
 #include <new>
+#include <stdexcept>
+#include <string>
 
 #include "mp/detail/futex.hpp"
+#include "mp/detail/pidfd.hpp"
 
 namespace mp {
 namespace detail {
@@ -29,6 +35,8 @@ std::string_view kind_name(SyncKind k) noexcept {
       return "rlock";
     case SyncKind::semaphore:
       return "semaphore";
+    case SyncKind::bounded_semaphore:
+      return "bounded semaphore";
     case SyncKind::event:
       return "event";
     case SyncKind::condition:
@@ -162,7 +170,15 @@ bool mutex_locked(const MutexState& m) noexcept { return (mutex_word(m) & FUTEX_
 // ---- SyncRegion ---------------------------------------------------------------------------
 
 std::shared_ptr<SyncRegion> SyncRegion::create(std::size_t size, SyncKind kind) {
-  return std::make_shared<SyncRegion>(Region::create(size, kind_name(kind)), kind);
+  auto r = std::make_shared<SyncRegion>(Region::create(size, kind_name(kind)), kind);
+  // An identity for operator==: 64 random bits (two handles mapping the same object at
+  // different addresses are equal; two objects are not).
+  std::uint64_t id = 0;
+  if (retry_eintr([&] { return ::getrandom(&id, sizeof id, 0); }) != sizeof id) {
+    throw_errno(fmt::format("get a random identity for a {}", kind_name(kind)));
+  }
+  r->as<SyncHeader>()->id = id;
+  return r;
 }
 
 std::shared_ptr<SyncRegion> SyncRegion::attach(int fd, std::size_t size, SyncKind kind) {
@@ -292,5 +308,499 @@ std::uint64_t RLock::recoveries() const noexcept {
 bool RLock::locked() const noexcept { return detail::mutex_locked(*state_); }
 bool RLock::held_by_me() const noexcept { return detail::mutex_held_by_me(*state_); }
 int RLock::depth() const noexcept { return held_by_me() ? static_cast<int>(state_->depth) : 0; }
+
+// ---- parking ------------------------------------------------------------------------------
+
+namespace detail {
+
+bool park(std::atomic<std::uint32_t>& word, std::uint32_t expected, const Deadline& deadline) {
+  auto now = std::chrono::steady_clock::now();
+  if (deadline && now >= *deadline) return false;
+  auto until = now + kParkSlice;
+  if (deadline && *deadline < until) until = *deadline;
+  futex_wait(word, expected, until);
+  return true;
+}
+
+}  // namespace detail
+
+// ---- Semaphore ----------------------------------------------------------------------------
+
+namespace {
+// Semaphores count up to what a futex word holds comfortably (SEM_VALUE_MAX).
+constexpr std::uint32_t kSemaphoreMax = 0x7fffffff;
+
+bool try_take(std::atomic<std::uint32_t>& value) noexcept {
+  std::uint32_t v = value.load(std::memory_order_relaxed);
+  while (v > 0) {
+    if (value.compare_exchange_weak(v, v - 1, std::memory_order_acquire,
+                                    std::memory_order_relaxed)) {
+      return true;
+    }
+  }
+  return false;
+}
+}  // namespace
+
+Semaphore::Semaphore(int value) : Semaphore(value, false) {}
+
+Semaphore::Semaphore(int value, bool bounded)
+    : kind_(bounded ? detail::SyncKind::bounded_semaphore : detail::SyncKind::semaphore) {
+  if (value < 0) {
+    throw std::invalid_argument(
+        fmt::format("cannot create a {} with value {}: it must be 0 or more",
+                    bounded ? "BoundedSemaphore" : "Semaphore", value));
+  }
+  auto r = detail::SyncRegion::create(sizeof(detail::SemaphoreState), kind_);
+  auto* s = r->as<detail::SemaphoreState>();
+  s->value.store(static_cast<std::uint32_t>(value));
+  s->max = bounded ? static_cast<std::uint32_t>(value) : kSemaphoreMax;
+  s->header.kind = kind_;
+  s->header.magic = detail::kMagic;
+  set(std::move(r));
+}
+
+void Semaphore::set(std::shared_ptr<detail::SyncRegion> r) noexcept {
+  region_ = std::move(r);
+  state_ = region_->as<detail::SemaphoreState>();
+}
+
+bool Semaphore::acquire_until(bool block, const detail::Deadline& deadline) {
+  auto& s = *state_;
+  if (try_take(s.value)) return true;
+  if (!block) return false;
+  for (int i = 0; i < detail::kSpinCount; ++i) {
+    detail::cpu_relax();
+    if (s.value.load(std::memory_order_relaxed) > 0 && try_take(s.value)) return true;
+  }
+  s.waiters.fetch_add(1);
+  bool got = false;
+  for (;;) {
+    if (try_take(s.value)) {
+      got = true;
+      break;
+    }
+    if (!detail::park(s.value, 0, deadline)) break;
+  }
+  s.waiters.fetch_sub(1);
+  return got;
+}
+
+bool Semaphore::acquire(bool block) { return acquire_until(block, std::nullopt); }
+bool Semaphore::acquire(Seconds timeout) {
+  return acquire_until(true, detail::deadline_from(timeout));
+}
+bool Semaphore::try_acquire() { return acquire_until(false, std::nullopt); }
+
+void Semaphore::release() {
+  auto& s = *state_;
+  std::uint32_t v = s.value.load(std::memory_order_relaxed);
+  do {
+    if (v >= s.max) {
+      throw ProcessError(kind_ == detail::SyncKind::bounded_semaphore
+                             ? fmt::format("cannot release a BoundedSemaphore above its initial "
+                                           "value {}: released more often than acquired",
+                                           s.max)
+                             : std::string("cannot release a Semaphore: its value would overflow"));
+    }
+  } while (!s.value.compare_exchange_weak(v, v + 1));
+  // seq_cst on both sides: a waiter that registered before our increment is seen here.
+  if (s.waiters.load() > 0) detail::futex_wake(s.value, 1);
+}
+
+int Semaphore::get_value() const noexcept {
+  return static_cast<int>(state_->value.load(std::memory_order_relaxed));
+}
+
+// ---- Event --------------------------------------------------------------------------------
+
+Event::Event() {
+  auto r = detail::SyncRegion::create(sizeof(detail::EventState), detail::SyncKind::event);
+  auto* s = r->as<detail::EventState>();
+  s->header.kind = detail::SyncKind::event;
+  s->header.magic = detail::kMagic;
+  set_region(std::move(r));
+}
+
+void Event::set_region(std::shared_ptr<detail::SyncRegion> r) noexcept {
+  region_ = std::move(r);
+  state_ = region_->as<detail::EventState>();
+}
+
+void Event::set() {
+  state_->flag.store(1);
+  if (state_->waiters.load() > 0) detail::futex_wake(state_->flag);
+}
+
+void Event::clear() { state_->flag.store(0); }
+
+bool Event::is_set() const noexcept { return state_->flag.load() != 0; }
+
+bool Event::wait_until(const detail::Deadline& deadline) {
+  auto& s = *state_;
+  if (s.flag.load() != 0) return true;
+  for (int i = 0; i < detail::kSpinCount; ++i) {
+    detail::cpu_relax();
+    if (s.flag.load(std::memory_order_relaxed) != 0) return s.flag.load() != 0;
+  }
+  s.waiters.fetch_add(1);
+  bool set = false;
+  for (;;) {
+    if (s.flag.load() != 0) {
+      set = true;
+      break;
+    }
+    if (!detail::park(s.flag, 0, deadline)) break;
+  }
+  s.waiters.fetch_sub(1);
+  return set;
+}
+
+bool Event::wait() { return wait_until(std::nullopt); }
+bool Event::wait(Seconds timeout) { return wait_until(detail::deadline_from(timeout)); }
+
+// ---- Condition ----------------------------------------------------------------------------
+
+namespace {
+constexpr std::uint32_t kOneWaiter = 1u << 16;
+constexpr std::uint32_t kPermitMask = kOneWaiter - 1;
+constexpr std::uint32_t waiting(std::uint32_t w) noexcept { return w >> 16; }
+constexpr std::uint32_t permits(std::uint32_t w) noexcept { return w & kPermitMask; }
+}  // namespace
+
+Condition::Condition() : Condition(RLock{}) {}
+
+Condition::Condition(Lock lock) : lock_(std::move(lock)) {
+  auto r = detail::SyncRegion::create(sizeof(detail::ConditionState), detail::SyncKind::condition);
+  auto* s = r->as<detail::ConditionState>();
+  s->header.kind = detail::SyncKind::condition;
+  s->header.magic = detail::kMagic;
+  set_region(std::move(r));
+}
+
+Condition::Condition(RLock lock) : lock_(std::move(lock)) {
+  auto r = detail::SyncRegion::create(sizeof(detail::ConditionState), detail::SyncKind::condition);
+  auto* s = r->as<detail::ConditionState>();
+  s->header.kind = detail::SyncKind::condition;
+  s->header.magic = detail::kMagic;
+  set_region(std::move(r));
+}
+
+void Condition::set_region(std::shared_ptr<detail::SyncRegion> r) noexcept {
+  region_ = std::move(r);
+  state_ = region_->as<detail::ConditionState>();
+}
+
+bool Condition::acquire(bool block) {
+  return std::visit([&](auto& l) { return l.acquire(block); }, lock_);
+}
+bool Condition::acquire(Seconds timeout) {
+  return std::visit([&](auto& l) { return l.acquire(timeout); }, lock_);
+}
+bool Condition::try_acquire() {
+  return std::visit([&](auto& l) { return l.try_acquire(); }, lock_);
+}
+void Condition::release() {
+  std::visit([&](auto& l) { l.release(); }, lock_);
+}
+bool Condition::owner_died() const noexcept {
+  return std::visit([&](const auto& l) { return l.owner_died(); }, lock_);
+}
+bool Condition::held_by_me() const noexcept {
+  return std::visit([&](const auto& l) { return l.held_by_me(); }, lock_);
+}
+
+bool Condition::wait_until(const detail::Deadline& deadline) {
+  if (!held_by_me()) {
+    throw ProcessError("cannot wait on a Condition: the calling thread does not hold its lock");
+  }
+  auto& word = state_->word;
+  // Join the waiters while we hold the lock, so that a notify() after we let go counts us.
+  std::uint32_t w = word.load();
+  do {
+    if (waiting(w) == 0xffff) {
+      throw ProcessError("cannot wait on a Condition: 65535 processes are waiting already");
+    }
+  } while (!word.compare_exchange_weak(w, w + kOneWaiter));
+
+  std::uint32_t depth = 0;
+  if (auto* r = std::get_if<RLock>(&lock_)) {
+    depth = r->release_all();
+  } else {
+    std::get<Lock>(lock_).release();
+  }
+
+  bool notified = false;
+  bool expired = false;
+  for (;;) {
+    w = word.load();
+    if (permits(w) > 0) {
+      // Take a permit, and leave the waiters, in one step.
+      if (word.compare_exchange_weak(w, w - kOneWaiter - 1)) {
+        notified = true;
+        break;
+      }
+      continue;
+    }
+    if (expired) {
+      if (word.compare_exchange_weak(w, w - kOneWaiter)) break;
+      continue;
+    }
+    if (!detail::park(word, w, deadline)) expired = true;
+  }
+
+  // Take the lock back, whatever happened; a holder that died meanwhile shows in owner_died().
+  if (auto* r = std::get_if<RLock>(&lock_)) {
+    r->reacquire_all(depth);
+  } else {
+    detail::mutex_acquire(*std::get<Lock>(lock_).state_, true, std::nullopt);
+  }
+  return notified;
+}
+
+bool Condition::wait() { return wait_until(std::nullopt); }
+bool Condition::wait(Seconds timeout) { return wait_until(detail::deadline_from(timeout)); }
+
+void Condition::notify(int n) {
+  if (!held_by_me()) {
+    throw ProcessError("cannot notify a Condition: the calling thread does not hold its lock");
+  }
+  if (n <= 0) return;
+  auto& word = state_->word;
+  std::uint32_t w = word.load();
+  std::uint32_t k = 0;
+  do {
+    std::uint32_t unserved = waiting(w) - permits(w);
+    k = std::min<std::uint32_t>(unserved, static_cast<std::uint32_t>(n));
+    if (k == 0) return;
+  } while (!word.compare_exchange_weak(w, w + k));
+  detail::futex_wake(word, static_cast<int>(k));
+}
+
+void Condition::notify_all() { notify(0xffff); }
+
+// ---- Barrier ------------------------------------------------------------------------------
+
+namespace {
+
+enum BarrierBreak : std::uint32_t {
+  kNotBroken = 0,
+  kAborted,
+  kTimedOut,
+  kPartyDied,
+  kActionFailed,
+};
+
+std::string broken_message(std::uint32_t reason) {
+  switch (reason) {
+    case kAborted:
+      return "the Barrier is broken: it was aborted";
+    case kTimedOut:
+      return "the Barrier is broken: a party's wait timed out";
+    case kPartyDied:
+      return "the Barrier is broken: a party died while it waited";
+    case kActionFailed:
+      return "the Barrier is broken: its action threw";
+    default:
+      return "the Barrier is broken";
+  }
+}
+
+constexpr auto kLivenessPeriod = std::chrono::milliseconds(50);
+
+// Whether pid has ended (a zombie has ended too). A process we may not signal is alive.
+bool process_ended(pid_t pid) noexcept {
+  int fd = detail::pidfd_open(pid);
+  if (fd < 0) return errno == ESRCH;
+  pollfd p{fd, POLLIN, 0};
+  int r = detail::retry_eintr([&] { return ::poll(&p, 1, 0); });
+  ::close(fd);
+  return r == 1;
+}
+
+std::size_t barrier_size(std::uint32_t parties) {
+  return sizeof(detail::BarrierState) + parties * sizeof(std::atomic<pid_t>);
+}
+
+// The pids of the parties that arrived, right after the state.
+std::atomic<pid_t>* arrivals(detail::BarrierState& s) noexcept {
+  static_assert(sizeof(detail::BarrierState) % alignof(std::atomic<pid_t>) == 0);
+  return reinterpret_cast<std::atomic<pid_t>*>(reinterpret_cast<char*>(&s) +
+                                               sizeof(detail::BarrierState));
+}
+
+}  // namespace
+
+Barrier::Barrier(int parties, std::optional<Seconds> timeout) {
+  if (parties < 1 || parties > 65536) {
+    throw std::invalid_argument(fmt::format(
+        "cannot create a Barrier for {} parties: it takes 1 to 65536 parties", parties));
+  }
+  auto n = static_cast<std::uint32_t>(parties);
+  auto r = detail::SyncRegion::create(barrier_size(n), detail::SyncKind::barrier);
+  auto* s = r->as<detail::BarrierState>();
+  detail::init_mutex(s->lock);
+  s->parties = n;
+  s->timeout_ns = -1;
+  if (timeout) {
+    s->timeout_ns =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::max(*timeout, Seconds(0)))
+            .count();
+  }
+  s->header.kind = detail::SyncKind::barrier;
+  s->header.magic = detail::kMagic;
+  set_region(std::move(r));
+}
+
+void Barrier::set_region(std::shared_ptr<detail::SyncRegion> r) {
+  auto* s = r->as<detail::BarrierState>();
+  if (s->parties < 1 || r->size() < barrier_size(s->parties)) {
+    throw SerializationError("cannot attach a barrier: the region received is too small");
+  }
+  region_ = std::move(r);
+  state_ = s;
+}
+
+void Barrier::set_portable_action(PortableAction p) {
+  auto t =
+      reinterpret_cast<ActionTrampoline>(const_cast<void*>(detail::resolve_code(p.trampoline)));
+  const void* target = p.has_target ? detail::resolve_code(p.target) : nullptr;
+  action_ = std::make_shared<const std::function<void()>>([t, target] { t(target); });
+  portable_ = std::move(p);
+}
+
+void Barrier::lock_state() {
+  if (detail::mutex_acquire(state_->lock, true, std::nullopt) == detail::Acquired::recovered) {
+    // A party died inside wait() holding this lock (while running the action, most likely):
+    // the round cannot complete.
+    if (state_->broken.load() == kNotBroken) break_locked(kPartyDied);
+  }
+}
+
+void Barrier::break_locked(std::uint32_t reason) noexcept {
+  auto& s = *state_;
+  s.broken.store(reason);
+  s.reset_mask.fetch_or(std::uint64_t{1} << (s.generation.load() % 64));
+  s.seq.fetch_add(1);
+  try {
+    detail::futex_wake(s.seq);
+  } catch (const std::exception& e) {
+    detail::report_noexcept(e.what());
+  }
+}
+
+int Barrier::wait() {
+  std::optional<Seconds> timeout;
+  if (state_->timeout_ns >= 0) timeout = std::chrono::nanoseconds(state_->timeout_ns);
+  return wait_until(detail::deadline_from(timeout));
+}
+
+int Barrier::wait(Seconds timeout) { return wait_until(detail::deadline_from(timeout)); }
+
+int Barrier::wait_until(const detail::Deadline& deadline) {
+  auto& s = *state_;
+  std::atomic<pid_t>* arrived_at = arrivals(s);
+  pid_t me = ::getpid();
+  lock_state();
+  std::uint32_t reason = s.broken.load();
+  if (reason != kNotBroken) {
+    detail::mutex_release(s.lock, "a Barrier's lock");
+    throw BrokenBarrierError(broken_message(reason));
+  }
+  const std::uint32_t g = s.generation.load();
+  const std::uint32_t index = s.count.load();
+  arrived_at[index].store(me);
+  s.count.store(index + 1);
+  if (index + 1 == s.parties) {
+    // The last to arrive runs the action, then releases everyone.
+    if (action_) {
+      try {
+        (*action_)();
+      } catch (...) {
+        break_locked(kActionFailed);
+        detail::mutex_release(s.lock, "a Barrier's lock");
+        throw;
+      }
+    }
+    s.reset_mask.fetch_and(~(std::uint64_t{1} << (g % 64)));
+    s.count.store(0);
+    s.generation.store(g + 1);
+    s.seq.fetch_add(1);
+    detail::mutex_release(s.lock, "a Barrier's lock");
+    detail::futex_wake(s.seq);
+    return static_cast<int>(index);
+  }
+  detail::mutex_release(s.lock, "a Barrier's lock");
+
+  auto next_check = std::chrono::steady_clock::now() + kLivenessPeriod;
+  for (;;) {
+    std::uint32_t seq = s.seq.load();
+    if (s.generation.load() != g) {
+      if (s.reset_mask.load() & (std::uint64_t{1} << (g % 64))) {
+        std::uint32_t why = s.broken.load();
+        throw BrokenBarrierError(why != kNotBroken
+                                     ? broken_message(why)
+                                     : "the Barrier is broken: it was reset while parties waited");
+      }
+      return static_cast<int>(index);
+    }
+    if ((reason = s.broken.load()) != kNotBroken) throw BrokenBarrierError(broken_message(reason));
+
+    auto now = std::chrono::steady_clock::now();
+    if (deadline && now >= *deadline) {
+      lock_state();
+      if (s.generation.load() == g && s.broken.load() == kNotBroken) break_locked(kTimedOut);
+      detail::mutex_release(s.lock, "a Barrier's lock");
+      continue;  // released just in time, or broken: the checks above tell
+    }
+    if (now >= next_check) {
+      next_check = now + kLivenessPeriod;
+      std::uint32_t arrived = std::min(s.count.load(), s.parties);
+      for (std::uint32_t i = 0; i < arrived; ++i) {
+        pid_t pid = arrived_at[i].load();
+        if (pid == me || pid <= 0 || !process_ended(pid)) continue;
+        lock_state();
+        if (s.generation.load() == g && s.broken.load() == kNotBroken && i < s.count.load() &&
+            arrived_at[i].load() == pid) {
+          break_locked(kPartyDied);
+        }
+        detail::mutex_release(s.lock, "a Barrier's lock");
+        break;
+      }
+      continue;
+    }
+    detail::Deadline until = next_check;
+    if (deadline && *deadline < next_check) until = deadline;
+    detail::futex_wait(s.seq, seq, until);
+  }
+}
+
+void Barrier::abort() {
+  lock_state();
+  if (state_->broken.load() == kNotBroken) break_locked(kAborted);
+  detail::mutex_release(state_->lock, "a Barrier's lock");
+}
+
+void Barrier::reset() {
+  auto& s = *state_;
+  lock_state();
+  std::uint32_t g = s.generation.load();
+  s.reset_mask.fetch_or(std::uint64_t{1} << (g % 64));
+  s.count.store(0);
+  s.broken.store(kNotBroken);
+  s.generation.store(g + 1);
+  s.seq.fetch_add(1);
+  detail::mutex_release(s.lock, "a Barrier's lock");
+  detail::futex_wake(s.seq);
+}
+
+int Barrier::parties() const noexcept { return static_cast<int>(state_->parties); }
+
+int Barrier::n_waiting() const noexcept {
+  if (state_->broken.load() != kNotBroken) return 0;
+  return static_cast<int>(state_->count.load());
+}
+
+bool Barrier::broken() const noexcept { return state_->broken.load() != kNotBroken; }
 
 }  // namespace mp

@@ -43,9 +43,12 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <string_view>
+#include <type_traits>
 #include <variant>
 
+#include "mp/detail/portable.hpp"
 #include "mp/detail/region.hpp"
 #include "mp/error.hpp"
 #include "mp/serialize.hpp"
@@ -64,11 +67,20 @@ Deadline deadline_from(std::optional<Seconds> timeout);
 
 // The kinds of object, written in each region's header so that a descriptor received from
 // another process is checked before it is used.
-enum class SyncKind : std::uint32_t { lock = 1, rlock, semaphore, event, condition, barrier };
+enum class SyncKind : std::uint32_t {
+  lock = 1,
+  rlock,
+  semaphore,
+  bounded_semaphore,
+  event,
+  condition,
+  barrier
+};
 
 struct SyncHeader {
   std::uint32_t magic;
   SyncKind kind;
+  std::uint64_t id;  // unique per object: handles compare equal when they share it
 };
 
 // The shared part of a Lock or RLock.
@@ -80,7 +92,47 @@ struct MutexState {
   std::uint32_t depth;                    // RLock: recursion depth, touched by the holder only
 };
 
+// The shared part of a Semaphore: the value is the futex word.
+struct SemaphoreState {
+  SyncHeader header;
+  std::atomic<std::uint32_t> value;
+  std::atomic<std::uint32_t> waiters;  // processes parked on `value` (or about to be)
+  std::uint32_t max;                   // BoundedSemaphore: the initial value
+};
+
+struct EventState {
+  SyncHeader header;
+  std::atomic<std::uint32_t> flag;  // the futex word: 0 clear, 1 set
+  std::atomic<std::uint32_t> waiters;
+};
+
+// A Condition's wait queue, one futex word: the number of waiting processes in the high
+// half, the number of wake-up permits that notify() issued and no waiter has taken yet in
+// the low half. Both change together, so a permit is never issued to no one.
+struct ConditionState {
+  SyncHeader header;
+  std::atomic<std::uint32_t> word;
+};
+
+struct BarrierState {
+  SyncHeader header;
+  MutexState lock;                 // guards the fields below; robust
+  std::atomic<std::uint32_t> seq;  // the futex word: bumped at every change
+  std::atomic<std::uint32_t> generation;
+  std::atomic<std::uint32_t> count;       // parties arrived in this generation
+  std::atomic<std::uint32_t> broken;      // 0, or why it broke (BarrierBreak)
+  std::atomic<std::uint64_t> reset_mask;  // bit g % 64: generation g was broken or reset
+  std::uint32_t parties;
+  std::int64_t timeout_ns;  // the default timeout; < 0: none
+  // Then std::atomic<pid_t> arrived[parties]: who arrived in this round, in order.
+};
+
 enum class Acquired { no, yes, recovered };
+
+// Sleeps on `word` while it equals `expected`, at most until `deadline` and at most one
+// short slice (so callers re-check their condition even if a wake-up was lost to a process
+// that died). Returns false when the deadline has passed.
+bool park(std::atomic<std::uint32_t>& word, std::uint32_t expected, const Deadline& deadline);
 
 // Acquires m (blocking until `deadline` when `block`). Spins kSpinCount times, then sleeps.
 // Throws ProcessError when the calling thread already holds m and would wait forever.
@@ -112,6 +164,7 @@ class SyncRegion {
     return region_.as<T>();
   }
   int fd() const noexcept { return region_.fd(); }
+  std::size_t size() const noexcept { return region_.size(); }
 
  private:
   Region region_;
@@ -186,7 +239,9 @@ class Lock {
     set(detail::load_region(ar, sizeof(detail::MutexState), detail::SyncKind::lock));
   }
 
-  friend bool operator==(const Lock& a, const Lock& b) noexcept { return a.state_ == b.state_; }
+  friend bool operator==(const Lock& a, const Lock& b) noexcept {
+    return a.state_->header.id == b.state_->header.id;
+  }
 
  private:
   friend class Condition;
@@ -238,7 +293,9 @@ class RLock {
     set(detail::load_region(ar, sizeof(detail::MutexState), detail::SyncKind::rlock));
   }
 
-  friend bool operator==(const RLock& a, const RLock& b) noexcept { return a.state_ == b.state_; }
+  friend bool operator==(const RLock& a, const RLock& b) noexcept {
+    return a.state_->header.id == b.state_->header.id;
+  }
 
  private:
   friend class Condition;
@@ -249,6 +306,328 @@ class RLock {
   void set(std::shared_ptr<detail::SyncRegion> r) noexcept;
   std::shared_ptr<detail::SyncRegion> region_;
   detail::MutexState* state_ = nullptr;
+};
+
+// ---- Semaphore, BoundedSemaphore ----------------------------------------------------------
+//
+// A counter of free units (Python: multiprocessing.Semaphore): acquire() takes one, waiting
+// while there is none; release() gives one back, from any process. Nobody owns a unit, so a
+// process that dies holding one cannot be detected: it is simply gone (give waits a
+// timeout). Lockable: std::lock_guard takes and gives back one unit.
+class Semaphore {
+ public:
+  // Throws std::invalid_argument when value is negative.
+  explicit Semaphore(int value = 1);
+
+  bool acquire(bool block = true);
+  bool acquire(Seconds timeout);
+  bool try_acquire();
+  // Gives back one unit and wakes one waiter. BoundedSemaphore: throws ProcessError when
+  // that would exceed the initial value (Python raises ValueError there).
+  void release();
+  // The number of free units now (a snapshot).
+  int get_value() const noexcept;
+
+  void lock() { acquire(); }
+  void unlock() { release(); }
+  bool try_lock() { return try_acquire(); }
+  template <class Rep, class Period>
+  bool try_lock_for(const std::chrono::duration<Rep, Period>& d) {
+    return acquire(std::chrono::duration_cast<Seconds>(d));
+  }
+  template <class Clock, class Duration>
+  bool try_lock_until(const std::chrono::time_point<Clock, Duration>& t) {
+    return try_lock_for(t - Clock::now());
+  }
+
+  template <class Archive>
+  void save(Archive& ar) const {
+    detail::save_region(ar, *region_);
+  }
+  template <class Archive>
+  void load(Archive& ar) {
+    set(detail::load_region(ar, sizeof(detail::SemaphoreState), kind_));
+  }
+
+  friend bool operator==(const Semaphore& a, const Semaphore& b) noexcept {
+    return a.state_->header.id == b.state_->header.id;
+  }
+
+ protected:
+  Semaphore(int value, bool bounded);
+
+ private:
+  bool acquire_until(bool block, const detail::Deadline& deadline);
+  void set(std::shared_ptr<detail::SyncRegion> r) noexcept;
+  detail::SyncKind kind_;
+  std::shared_ptr<detail::SyncRegion> region_;
+  detail::SemaphoreState* state_ = nullptr;
+};
+
+// A Semaphore that refuses to be released above its initial value: the error of releasing
+// more often than acquiring is caught where it happens (ProcessError).
+class BoundedSemaphore : public Semaphore {
+ public:
+  explicit BoundedSemaphore(int value = 1) : Semaphore(value, true) {}
+};
+
+// ---- Event --------------------------------------------------------------------------------
+//
+// A flag processes can wait for (Python: multiprocessing.Event): set() raises it and wakes
+// every waiter, clear() lowers it, wait() returns at once while it is raised.
+class Event {
+ public:
+  Event();
+
+  void set();
+  void clear();
+  bool is_set() const noexcept;
+  // Waits until the flag is set; returns true. The timed form returns the flag as it
+  // returns: false when the time ran out first.
+  bool wait();
+  bool wait(Seconds timeout);
+
+  template <class Archive>
+  void save(Archive& ar) const {
+    detail::save_region(ar, *region_);
+  }
+  template <class Archive>
+  void load(Archive& ar) {
+    set_region(detail::load_region(ar, sizeof(detail::EventState), detail::SyncKind::event));
+  }
+
+  friend bool operator==(const Event& a, const Event& b) noexcept {
+    return a.state_->header.id == b.state_->header.id;
+  }
+
+ private:
+  bool wait_until(const detail::Deadline& deadline);
+  void set_region(std::shared_ptr<detail::SyncRegion> r) noexcept;
+  std::shared_ptr<detail::SyncRegion> region_;
+  detail::EventState* state_ = nullptr;
+};
+
+// ---- Condition ----------------------------------------------------------------------------
+//
+// A condition variable over a Lock or an RLock (Python: multiprocessing.Condition; the
+// default lock is a new RLock). Hold the lock to wait() or notify(); wait() releases it
+// (every level of an RLock), sleeps until notified, and takes it back. Lockable itself, so
+// std::unique_lock<mp::Condition> works.
+//
+// Python's rules, with these notes: notify(n) wakes at most n of the processes waiting when
+// it is called; a waiter can also return without a notify (spuriously) - rarely, e.g. when
+// a waiter died and left its wake-up behind - so wait in a loop or use wait_for(predicate).
+// A waiter killed while it waits may absorb one notify(); notify_all() and predicates are
+// immune. If the holder of the lock dies, the waiter that takes it back sees owner_died().
+class Condition {
+ public:
+  Condition();
+  explicit Condition(Lock lock);
+  explicit Condition(RLock lock);
+
+  bool acquire(bool block = true);
+  bool acquire(Seconds timeout);
+  bool try_acquire();
+  void release();
+  bool owner_died() const noexcept;
+
+  void lock() { acquire(); }
+  void unlock() { release(); }
+  bool try_lock() { return try_acquire(); }
+  template <class Rep, class Period>
+  bool try_lock_for(const std::chrono::duration<Rep, Period>& d) {
+    return acquire(std::chrono::duration_cast<Seconds>(d));
+  }
+  template <class Clock, class Duration>
+  bool try_lock_until(const std::chrono::time_point<Clock, Duration>& t) {
+    return try_lock_for(t - Clock::now());
+  }
+
+  // Waits for a notify. Returns false when the timeout ran out first. Throws ProcessError
+  // when the calling thread does not hold the lock.
+  bool wait();
+  bool wait(Seconds timeout);
+
+  // Waits until pred() is true (checked first, and after each wake-up) or the timeout runs
+  // out; returns pred()'s last value. Python: Condition.wait_for.
+  template <class Pred>
+  bool wait_for(Pred pred, std::optional<Seconds> timeout = std::nullopt) {
+    detail::Deadline deadline = detail::deadline_from(timeout);
+    bool result = pred();
+    while (!result) {
+      if (deadline && std::chrono::steady_clock::now() >= *deadline) break;
+      wait_until(deadline);
+      result = pred();
+    }
+    return result;
+  }
+
+  // Wakes up to n / all waiting processes. Throws ProcessError when the calling thread does
+  // not hold the lock.
+  void notify(int n = 1);
+  void notify_all();
+
+  template <class Archive>
+  void save(Archive& ar) const {
+    std::uint8_t recursive = std::holds_alternative<RLock>(lock_) ? 1 : 0;
+    ar(recursive);
+    std::visit([&](const auto& l) { l.save(ar); }, lock_);
+    detail::save_region(ar, *region_);
+  }
+  template <class Archive>
+  void load(Archive& ar) {
+    std::uint8_t recursive = 0;
+    ar(recursive);
+    if (recursive) {
+      RLock l;
+      l.load(ar);
+      lock_ = std::move(l);
+    } else {
+      Lock l;
+      l.load(ar);
+      lock_ = std::move(l);
+    }
+    set_region(
+        detail::load_region(ar, sizeof(detail::ConditionState), detail::SyncKind::condition));
+  }
+
+ private:
+  bool wait_until(const detail::Deadline& deadline);
+  bool held_by_me() const noexcept;
+  void set_region(std::shared_ptr<detail::SyncRegion> r) noexcept;
+  std::variant<Lock, RLock> lock_;
+  std::shared_ptr<detail::SyncRegion> region_;
+  detail::ConditionState* state_ = nullptr;
+};
+
+// ---- Barrier ------------------------------------------------------------------------------
+//
+// A meeting point for a fixed number of parties (Python: multiprocessing.Barrier): wait()
+// blocks until `parties` processes (or threads) have called it, then all return together
+// and the barrier is ready for the next round. wait() returns the arrival index, 0 to
+// parties-1, a different one for each party. The action, if any, runs in the last party to
+// arrive, before the others are released.
+//
+// wait() throws BrokenBarrierError when the barrier is broken: by abort(), by reset() while
+// parties wait, by a wait that timed out, by an action that threw (which rethrows its own
+// exception in the party that ran it), or by the death of a party that had arrived. A broken
+// barrier stays broken until reset().
+//
+// Death detection: each party writes its pid when it arrives; parties parked in wait()
+// check every 50 ms that the ones that arrived before them still run. Limits: a party that
+// dies before it reaches wait() cannot be noticed (the others wait for it: give the barrier
+// a timeout), and a pid reused within one check period would hide a death.
+//
+// Passing a Barrier to a spawn or forkserver child needs an action that is a plain function
+// or a lambda without captures (so that it can be found again in the child's image); any
+// action works with fork.
+class Barrier {
+ public:
+  // Throws std::invalid_argument unless 1 <= parties <= 65536.
+  explicit Barrier(int parties, std::optional<Seconds> timeout = std::nullopt);
+  // A one-party barrier: what a received Barrier starts as before it is loaded.
+  Barrier() : Barrier(1) {}
+  template <class F>
+  requires std::invocable<F&> Barrier(int parties, F action,
+                                      std::optional<Seconds> timeout = std::nullopt)
+      : Barrier(parties, timeout) {
+    set_action(std::move(action));
+  }
+
+  // The default timeout is the one given to the constructor.
+  int wait();
+  int wait(Seconds timeout);
+
+  // Breaks the barrier: current and future waiters get BrokenBarrierError until reset().
+  void abort();
+  // Back to the empty state; parties waiting now get BrokenBarrierError.
+  void reset();
+
+  int parties() const noexcept;
+  // Parties waiting in the current round (0 when broken).
+  int n_waiting() const noexcept;
+  bool broken() const noexcept;
+
+  template <class Archive>
+  void save(Archive& ar) const {
+    detail::save_region(ar, *region_);
+    bool has_action = static_cast<bool>(action_);
+    ar(has_action);
+    if (has_action) {
+      if (!portable_) {
+        throw std::logic_error(
+            "cannot pass a Barrier to a spawn or forkserver child: its action is not a plain "
+            "function or a lambda without captures");
+      }
+      ar(*portable_);
+    }
+  }
+  template <class Archive>
+  void load(Archive& ar) {
+    set_region(detail::load_region(ar, sizeof(detail::BarrierState), detail::SyncKind::barrier));
+    bool has_action = false;
+    ar(has_action);
+    action_.reset();
+    portable_.reset();
+    if (has_action) {
+      PortableAction p;
+      ar(p);
+      set_portable_action(std::move(p));
+    }
+  }
+
+  friend bool operator==(const Barrier& a, const Barrier& b) noexcept {
+    return a.state_->header.id == b.state_->header.id;
+  }
+
+ private:
+  // An action described as data: a trampoline instantiated for its type, and its address
+  // when it is a plain function.
+  struct PortableAction {
+    detail::CodeAddress trampoline;
+    detail::CodeAddress target;
+    bool has_target = false;
+    template <class Archive>
+    void serialize(Archive& ar) {
+      ar(trampoline, target, has_target);
+    }
+  };
+  using ActionTrampoline = void (*)(const void* target);
+  template <class F>
+  static void run_action(const void* target) {
+    if constexpr (std::is_pointer_v<F>) {
+      reinterpret_cast<F>(const_cast<void*>(target))();
+    } else {
+      F f{};
+      f();
+    }
+  }
+
+  template <class F>
+  void set_action(F action) {
+    if constexpr (detail::PortableCallable<F>) {
+      PortableAction p;
+      ActionTrampoline t = &run_action<F>;
+      p.trampoline = detail::locate_code(reinterpret_cast<const void*>(t));
+      if constexpr (std::is_pointer_v<F>) {
+        p.target = detail::locate_code(reinterpret_cast<const void*>(action));
+        p.has_target = true;
+      }
+      portable_ = std::move(p);
+    }
+    action_ = std::make_shared<const std::function<void()>>(std::move(action));
+  }
+  void set_portable_action(PortableAction p);
+  // Throws SerializationError when the region is too small for its parties.
+  void set_region(std::shared_ptr<detail::SyncRegion> r);
+  int wait_until(const detail::Deadline& deadline);
+  void lock_state();
+  void break_locked(std::uint32_t reason) noexcept;
+
+  std::shared_ptr<detail::SyncRegion> region_;
+  detail::BarrierState* state_ = nullptr;
+  std::shared_ptr<const std::function<void()>> action_;
+  std::optional<PortableAction> portable_;
 };
 
 }  // namespace mp
