@@ -250,6 +250,28 @@ TEST_CASE("queue: every kind of message survives the trip, across the ring's end
   CHECK(strings.empty());
 }
 
+TEST_CASE("queue: numbers, arrays and vectors of numbers travel as their raw bytes", "[queue]") {
+  // A record is an 8-byte length plus the payload, padded to 8 bytes: a 4096-byte ring holds
+  // 256 ints (16-byte records) or 36 strings of 100 bytes (112-byte records). Any encoding
+  // overhead (cereal's length prefixes) would make fewer fit.
+  auto fill = [](auto& q, const auto& item) {
+    int n = 0;
+    while (q.try_put(item)) ++n;
+    return n;
+  };
+  mp::Queue<std::int32_t> ints(0, mp::QueueOptions{4096});
+  CHECK(fill(ints, 7) == 256);
+  mp::Queue<std::array<std::int32_t, 2>> arrays(0, mp::QueueOptions{4096});
+  CHECK(fill(arrays, std::array<std::int32_t, 2>{1, 2}) == 256);
+  mp::Queue<std::string> strings(0, mp::QueueOptions{4096});
+  CHECK(fill(strings, std::string(100, 's')) == 36);
+  mp::Queue<std::vector<char>> bytes(0, mp::QueueOptions{4096});
+  CHECK(fill(bytes, std::vector<char>(100, 'b')) == 36);
+  CHECK(ints.get() == 7);
+  CHECK(arrays.get() == std::array<std::int32_t, 2>{1, 2});
+  CHECK(bytes.get() == std::vector<char>(100, 'b'));
+}
+
 TEST_CASE("queue: a message larger than the ring is refused before anything is written",
           "[queue]") {
   mp::Queue<std::string> q(0, mp::QueueOptions{64 * 1024});

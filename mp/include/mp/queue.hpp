@@ -137,11 +137,23 @@ std::uint64_t type_tag() {
 
 // ---- encoding ---------------------------------------------------------------------------
 
+// Types a queue copies byte for byte: those mp::dumps copies so (TriviallySerializable),
+// and also numbers, enums and std::arrays of such, which cereal would write as the same
+// bytes anyway.
+template <class T>
+struct IsBytesCopyable
+    : std::bool_constant<TriviallySerializable<T> || std::is_arithmetic_v<T> ||
+                         std::is_enum_v<T>> {};
+template <class U, std::size_t N>
+struct IsBytesCopyable<std::array<U, N>> : IsBytesCopyable<U> {};
+template <class T>
+concept BytesCopyable = IsBytesCopyable<T>::value;
+
 template <class T>
 struct IsByteVector : std::false_type {};
 template <class U, class A>
 struct IsByteVector<std::vector<U, A>>
-    : std::bool_constant<TriviallySerializable<U> && std::is_default_constructible_v<U> &&
+    : std::bool_constant<BytesCopyable<U> && std::is_default_constructible_v<U> &&
                          !std::is_same_v<U, bool>> {};
 template <class C, class Tr, class A>
 struct IsByteVector<std::basic_string<C, Tr, A>> : std::true_type {};
@@ -156,7 +168,7 @@ std::string& encode_buffer();
 // Calls put(data, size) with the bytes of `value`.
 template <class T, class Put>
 decltype(auto) encode(const T& value, Put&& put) {
-  if constexpr (TriviallySerializable<T>) {
+  if constexpr (BytesCopyable<T>) {
     return put(static_cast<const void*>(&value), sizeof(T));
   } else if constexpr (RawRange<T>) {
     return put(static_cast<const void*>(value.data()), value.size() * sizeof(value[0]));
@@ -174,7 +186,7 @@ template <class T>
 class Decoder final : public ByteSink {
  public:
   void reserve(std::size_t n) override {
-    if constexpr (TriviallySerializable<T>) {
+    if constexpr (BytesCopyable<T>) {
       if (n != sizeof(T)) throw SerializationError(size_mismatch(n, sizeof(T)));
     } else if constexpr (RawRange<T>) {
       if (n % kElem != 0) throw SerializationError(size_mismatch(n, kElem));
@@ -187,7 +199,7 @@ class Decoder final : public ByteSink {
     filled_ = 0;
   }
   void append(const void* data, std::size_t n) override {
-    if constexpr (TriviallySerializable<T>) {
+    if constexpr (BytesCopyable<T>) {
       std::memcpy(storage_ + filled_, data, n);
       filled_ += n;
     } else if constexpr (RawRange<T>) {
@@ -197,7 +209,7 @@ class Decoder final : public ByteSink {
     }
   }
   T take() {
-    if constexpr (TriviallySerializable<T>) {
+    if constexpr (BytesCopyable<T>) {
       // append() copied the bytes into storage_: that made the object (implicit lifetime).
       return *std::launder(reinterpret_cast<T*>(storage_));
     } else if constexpr (RawRange<T>) {
@@ -257,7 +269,7 @@ class Decoder final : public ByteSink {
            std::to_string(unit) + " bytes";
   }
 
-  alignas(T) unsigned char storage_[TriviallySerializable<T> ? sizeof(T) : 1];
+  alignas(T) unsigned char storage_[BytesCopyable<T> ? sizeof(T) : 1];
   std::size_t filled_ = 0;
   std::optional<T> value_;  // RawRange
   alignas(Elem) unsigned char carry_[kElem];

@@ -1,0 +1,29 @@
+// ipc_raw.hpp - the floors of ipc_benchmark: the same work done by hand, with system calls,
+// atomics and memcpy only, no mp. What mp costs is its figure beside these.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace raw {
+
+// The small message of the *_small workloads: a sequence number and padding, 64 bytes.
+struct Small {
+  std::uint64_t seq;
+  char pad[56];
+};
+static_assert(sizeof(Small) == 64);
+
+// `n` 64-byte messages from a forked producer to this process over a hand-written
+// single-producer single-consumer ring (4 MiB of slots in anonymous shared memory,
+// spinning, no locks, no sleeping). Messages per second, first to last message.
+double spsc_small(long n);
+
+// memcpy of `n` 1 MiB blocks from one buffer into successive slots of a 4 MiB area (the
+// size of a default mp::Queue ring), after a warm-up lap. MB/s (10^6 bytes).
+double memcpy_bandwidth(long n);
+
+// mmap(MAP_ANONYMOUS) `bytes` and memset them (page faults included). MB/s.
+double anon_fill(std::size_t bytes);
+
+}  // namespace raw

@@ -1,0 +1,29 @@
+// tests/lessons/6_performance.cpp - the claims of chapter 6, read from each lesson's --json.
+#include <catch2/catch.hpp>
+
+#include "run.hpp"
+
+TEST_CASE("6_performance/ipc_benchmark: every workload has its mp figure, raw floor and ratio",
+          "[lessons][6_performance]") {
+  auto r = testing::run_lesson_json("6_performance/ipc_benchmark", {"--quick"});
+  CHECK(r["quick"] == true);
+  const auto& w = r["workloads"];
+  for (const char* id : {"queue_small", "queue_1mib"}) {
+    INFO(id);
+    REQUIRE(w.contains(id));
+    double value = w[id]["value"], raw = w[id]["raw_value"], ratio = w[id]["ratio_to_raw"];
+    CHECK(value > 0);
+    CHECK(raw > 0);
+    CHECK(ratio == Approx(value / raw));
+  }
+  CHECK(w["queue_small"]["unit"] == "msgs/s");
+  CHECK(w["queue_1mib"]["unit"] == "MB/s");
+}
+
+TEST_CASE("6_performance/ipc_benchmark: --filter runs only the matching workloads",
+          "[lessons][6_performance]") {
+  auto r = testing::run_lesson_json("6_performance/ipc_benchmark",
+                                    {"--quick", "--filter", "^queue_small$"});
+  CHECK(r["workloads"].size() == 1);
+  CHECK(r["workloads"].contains("queue_small"));
+}
