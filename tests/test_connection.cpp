@@ -196,7 +196,7 @@ TEST_CASE("connection: EOF reaches the reader when the peer is SIGKILLed", "[con
 
 TEST_CASE("connection: a peer killed in the middle of a message gives EOF, not a hang",
           "[connection]") {
-  auto [r, w] = mp::Pipe();
+  auto [r, w] = mp::Pipe(false);  // the child writes raw bytes to w.fileno()
   mp::Process p{half_a_message, w};
   p.start();
   w.close();
@@ -230,6 +230,31 @@ TEST_CASE("connection: sending to a closed peer is an error, never SIGPIPE", "[c
   ::pthread_sigmask(SIG_BLOCK, nullptr, &mask);
   CHECK_FALSE(sigismember(&pending, SIGPIPE));
   CHECK_FALSE(sigismember(&mask, SIGPIPE));
+}
+
+namespace {
+// In a child: after Pipe() installed mp's SIGPIPE handler, a write of the program's own to
+// a broken pipe must still end the process by SIGPIPE, as the default action would.
+int own_broken_pipe_write() {
+  auto [r, w] = mp::Pipe(false);
+  struct sigaction cur {};
+  ::sigaction(SIGPIPE, nullptr, &cur);
+  if (cur.sa_handler == SIG_DFL) return 3;  // mp should have installed its handler
+  int fds[2];
+  if (::pipe(fds) != 0) return 4;
+  ::close(fds[0]);
+  char c = 'x';
+  (void)::write(fds[1], &c, 1);  // raises SIGPIPE
+  return 5;                      // not reached when SIGPIPE ends the process
+}
+}  // namespace
+
+TEST_CASE("connection: other SIGPIPEs still end the process as the default action would",
+          "[connection]") {
+  mp::Process p{own_broken_pipe_write};
+  p.start();
+  p.join();
+  CHECK(p.exitcode() == -SIGPIPE);
 }
 
 TEST_CASE("connection: a message over the limit is refused and nothing is written",
@@ -423,7 +448,7 @@ TEST_CASE("connection: serialized for a spawn child, it carries its descriptor a
     bytes = mp::dumps(a);
     fds = ex.exported();
   }
-  REQUIRE(fds.size() == 1);
+  REQUIRE(fds.size() == 2);  // a duplex end reads one pipe and writes another
   mp::Connection copy;
   {
     mp::detail::FdImport im(fds);

@@ -33,8 +33,9 @@ constexpr std::size_t kInlineSend = 1024;
 constexpr std::size_t kHeader = sizeof(std::uint64_t);
 
 struct ConnState {
-  UniqueFd fd;
-  bool socket = false;
+  UniqueFd fd;          // the descriptor read from (a socket or pipe), or written to if write-only
+  UniqueFd wfd;         // the descriptor written to when it is another one (a duplex Pipe's pipe)
+  bool socket = false;  // the descriptor written to is a socket: send with MSG_NOSIGNAL
   bool readable = false;
   bool writable = false;
   std::size_t max_message = kDefaultMaxMessageSize;
@@ -46,8 +47,10 @@ struct ConnState {
   unsigned generation = 0;
 
   std::size_t buffered() const noexcept { return rend - rbeg; }
+  int out() const noexcept { return wfd ? wfd.get() : fd.get(); }
   void drop() noexcept {
     fd.reset();
+    wfd.reset();
     rbuf.reset();
     rbeg = rend = 0;
   }
@@ -79,41 +82,51 @@ void close_inherited_sibling(ConnState& s) noexcept {
   s.sibling.reset();
 }
 
-// Blocks SIGPIPE in this thread around a write to a pipe, so that a reader that has gone
-// gives EPIPE instead of killing the process, and swallows the SIGPIPE the write raised.
-// Sockets don't need it: they use MSG_NOSIGNAL.
-class SigpipeGuard {
- public:
-  SigpipeGuard() noexcept {
-    sigemptyset(&pipe_);
-    sigaddset(&pipe_, SIGPIPE);
-    ::pthread_sigmask(SIG_BLOCK, &pipe_, &old_);
-    changed_ = !sigismember(&old_, SIGPIPE);
-  }
-  ~SigpipeGuard() {
-    if (!changed_) return;  // it was blocked before us: whatever is pending stays pending
-    if (got_epipe_) {
-      timespec zero{0, 0};
-      while (::sigtimedwait(&pipe_, nullptr, &zero) == -1 && errno == EINTR) {
-      }
-    }
-    ::pthread_sigmask(SIG_SETMASK, &old_, nullptr);
-  }
-  void saw_epipe() noexcept { got_epipe_ = true; }
-  SigpipeGuard(const SigpipeGuard&) = delete;
-  SigpipeGuard& operator=(const SigpipeGuard&) = delete;
+// ---- SIGPIPE ------------------------------------------------------------------------------
+// Writing to a pipe whose reader is gone raises SIGPIPE, which by default kills the writer.
+// Sockets avoid it with MSG_NOSIGNAL; pipes have no such flag, and blocking the signal
+// around every write would cost two more system calls per message. So, once, if SIGPIPE
+// still has its default action, mp installs a handler: a SIGPIPE raised by a Connection's
+// own write (flagged per thread) is swallowed and the write fails with EPIPE, which becomes
+// a clear error; any other SIGPIPE restores the default action and is raised again, so the
+// process ends exactly as it would have. A SIG_IGN or a handler of the program's own is
+// left alone (both already keep the writer alive). exec() resets handlers to the default.
+thread_local volatile sig_atomic_t t_in_connection_write = 0;
 
- private:
-  sigset_t pipe_{}, old_{};
-  bool changed_ = false;
-  bool got_epipe_ = false;
+void on_sigpipe(int sig) {
+  if (t_in_connection_write) return;
+  ::signal(sig, SIG_DFL);
+  ::raise(sig);  // pending until this handler returns, then the default action
+}
+
+void install_sigpipe_handler_once() {
+  static bool done = [] {
+    struct sigaction cur {};
+    if (::sigaction(SIGPIPE, nullptr, &cur) == -1) throw_errno("read the action of SIGPIPE");
+    if (!(cur.sa_flags & SA_SIGINFO) && cur.sa_handler == SIG_DFL) {
+      struct sigaction sa {};
+      sa.sa_handler = on_sigpipe;
+      sa.sa_flags = SA_RESTART;
+      sigemptyset(&sa.sa_mask);
+      if (::sigaction(SIGPIPE, &sa, nullptr) == -1) throw_errno("install a SIGPIPE handler");
+    }
+    return true;
+  }();
+  (void)done;
+}
+
+struct InWrite {
+  InWrite() noexcept { t_in_connection_write = 1; }
+  ~InWrite() { t_in_connection_write = 0; }
+  InWrite(const InWrite&) = delete;
+  InWrite& operator=(const InWrite&) = delete;
 };
 
 // Writes all of iov[0, count) (header and payload of one frame). Partial writes (a signal
 // in the middle of a large message) continue where they stopped.
 void write_frame(ConnState& s, iovec* iov, int count, std::size_t total) {
-  std::optional<SigpipeGuard> guard;
-  if (!s.socket) guard.emplace();
+  InWrite flag;
+  int out = s.out();
   std::size_t done = 0;
   while (done < total) {
     ssize_t n;
@@ -121,15 +134,13 @@ void write_frame(ConnState& s, iovec* iov, int count, std::size_t total) {
       msghdr msg{};
       msg.msg_iov = iov;
       msg.msg_iovlen = static_cast<std::size_t>(count);
-      n = ::sendmsg(s.fd.get(), &msg, MSG_NOSIGNAL);
+      n = ::sendmsg(out, &msg, MSG_NOSIGNAL);
     } else {
-      n = count == 1 ? ::write(s.fd.get(), iov[0].iov_base, iov[0].iov_len)
-                     : ::writev(s.fd.get(), iov, count);
+      n = count == 1 ? ::write(out, iov[0].iov_base, iov[0].iov_len) : ::writev(out, iov, count);
     }
     if (n == -1) {
       int err = errno;
       if (err == EINTR) continue;
-      if (err == EPIPE && guard) guard->saw_epipe();
       if (err == EPIPE || err == ECONNRESET) {
         throw system_error(err, fmt::format("send a message of {} bytes on connection fd {}: "
                                             "the other end is closed",
@@ -311,24 +322,44 @@ detail::ConnState& open_state(const std::shared_ptr<detail::ConnState>& s, std::
 Connection::Connection() noexcept = default;
 
 Connection Connection::from_fd(int fd, bool readable, bool writable) {
-  detail::UniqueFd owned(fd);
+  return from_fds(fd, -1, readable, writable);
+}
+
+Connection Connection::from_fds(int fd, int wfd, bool readable, bool writable) {
+  detail::UniqueFd owned(fd), owned_w(wfd);
+  int out = wfd >= 0 ? wfd : fd;
   struct stat st {};
-  if (::fstat(fd, &st) == -1) throw_errno(fmt::format("inspect connection descriptor {}", fd));
+  if (::fstat(out, &st) == -1) throw_errno(fmt::format("inspect connection descriptor {}", out));
   Connection c;
   c.state_ = std::make_shared<detail::ConnState>();
   c.state_->fd = std::move(owned);
+  c.state_->wfd = std::move(owned_w);
   c.state_->socket = S_ISSOCK(st.st_mode);
   c.state_->readable = readable;
   c.state_->writable = writable;
+  if (writable && !c.state_->socket) detail::install_sigpipe_handler_once();
   return c;
 }
 
-Connection Connection::adopt_imported(int fd, bool r, bool w, std::uint64_t max,
+std::pair<int, int> Connection::descriptors() const {
+  const detail::ConnState& s = open_state(state_, "serialize");
+  return {s.fd.get(), s.wfd ? s.wfd.get() : -1};
+}
+
+Connection Connection::adopt_imported(int fd, int wfd, bool r, bool w, std::uint64_t max,
                                       std::string ahead) {
-  // The received descriptor belongs to the code that received it; this end takes a copy.
-  int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
-  if (own == -1) throw_errno(fmt::format("duplicate received connection descriptor {}", fd));
-  Connection c = from_fd(own, r, w);
+  // The received descriptors belong to the code that received them; this end takes copies.
+  detail::UniqueFd own(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
+  if (!own) throw_errno(fmt::format("duplicate received connection descriptor {}", fd));
+  detail::UniqueFd own_w;
+  if (wfd >= 0) {
+    own_w.reset(::fcntl(wfd, F_DUPFD_CLOEXEC, 0));
+    if (!own_w) throw_errno(fmt::format("duplicate received connection descriptor {}", wfd));
+  }
+  int w_raw = own_w ? own_w.get() : -1;
+  Connection c = from_fds(own.get(), w_raw, r, w);
+  own.release();
+  own_w.release();
   c.state_->max_message = static_cast<std::size_t>(max);
   if (!ahead.empty()) {
     if (ahead.size() > detail::kReadBuffer) {
@@ -460,24 +491,28 @@ void pair_up(const std::shared_ptr<detail::ConnState>& a,
 }  // namespace
 
 std::pair<Connection, Connection> Pipe(bool duplex) {
-  if (duplex) {
-    int sv[2];
-    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == -1) {
-      throw_errno("create a duplex Pipe (socketpair)");
-    }
-    detail::UniqueFd b(sv[1]);
-    Connection first = Connection::from_fd(sv[0], true, true);
-    Connection second = Connection::from_fd(b.release(), true, true);
-    pair_up(first.state_, second.state_);
-    return {std::move(first), std::move(second)};
+  int ab[2];
+  if (::pipe2(ab, O_CLOEXEC) == -1) throw_errno("create a Pipe (pipe2)");
+  detail::UniqueFd ab_r(ab[0]), ab_w(ab[1]);
+  if (!duplex) {
+    Connection reader = Connection::from_fd(ab_r.release(), true, false);
+    Connection writer = Connection::from_fd(ab_w.release(), false, true);
+    pair_up(reader.state_, writer.state_);
+    return {std::move(reader), std::move(writer)};
   }
-  int fds[2];
-  if (::pipe2(fds, O_CLOEXEC) == -1) throw_errno("create a one-way Pipe (pipe2)");
-  detail::UniqueFd w(fds[1]);
-  Connection reader = Connection::from_fd(fds[0], true, false);
-  Connection writer = Connection::from_fd(w.release(), false, true);
-  pair_up(reader.state_, writer.state_);
-  return {std::move(reader), std::move(writer)};
+  // Duplex: a pipe each way. (A socket pair would do with one descriptor per end, but on
+  // Linux its round trip costs about twice a pipe's.)
+  int ba[2];
+  if (::pipe2(ba, O_CLOEXEC) == -1) throw_errno("create a Pipe (pipe2)");
+  detail::UniqueFd ba_r(ba[0]), ba_w(ba[1]);
+  Connection first = Connection::from_fds(ba_r.get(), ab_w.get(), true, true);
+  ba_r.release();
+  ab_w.release();
+  Connection second = Connection::from_fds(ab_r.get(), ba_w.get(), true, true);
+  ab_r.release();
+  ba_w.release();
+  pair_up(first.state_, second.state_);
+  return {std::move(first), std::move(second)};
 }
 
 std::vector<Connection> wait(const std::vector<Connection>& connections,

@@ -11,9 +11,11 @@
 // Messages: send<T>(v) serializes v with mp::dumps (memcpy for trivially copyable types,
 // cereal otherwise) and recv<T>() turns the bytes back: the receiver must ask for the type
 // the sender sent. send_bytes/recv_bytes move raw bytes. Each message travels as one frame,
-// an 8-byte length then the payload, written with one system call (one writev/sendmsg)
-// and, for small messages, read with one read(): a 1-byte round trip costs what a raw
-// pipe's costs.
+// an 8-byte length then the payload, written with one system call (write, or writev for
+// large payloads) and, for small messages, read with one read() into a read-ahead buffer:
+// a 1-byte round trip costs about what a raw pipe's does. A duplex Pipe is a pipe each
+// way (on Linux a socket pair's round trip costs about twice a pipe's); a one-way Pipe is
+// one pipe.
 //
 // Limits: a message larger than max_message_size() (default 256 MiB, settable per end) is
 // refused by send before a single byte is written (MessageTooLarge), so the stream stays
@@ -23,18 +25,26 @@
 // End of file: when the other end is closed in every process that held it (closed
 // explicitly, or its last holder exited or was killed), recv() throws mp::EOFError once the
 // messages already sent have been read, and poll() reports the end as ready (as Python's).
-// Sending to an end whose peer is gone throws std::system_error (EPIPE); SIGPIPE never
-// kills the sender.
+// Sending to an end whose peer is gone throws std::system_error (EPIPE).
+//
+// SIGPIPE: a write to a pipe whose reader is gone raises SIGPIPE, which by default kills.
+// The first Pipe() of a process whose SIGPIPE action is still the default installs a handler
+// that swallows the SIGPIPE raised by a Connection's own write (the send then throws EPIPE)
+// and, for any other SIGPIPE, restores the default action and raises it again: the program
+// dies exactly as before where it wrote to a broken pipe itself. SIG_IGN or a handler of the
+// program's own are left alone; exec() resets handlers, so exec'd programs are unaffected.
 //
 // Ownership (a choice, documented here): a Connection is a handle. Copies made in one
-// process share one descriptor: close() closes it for every copy, and it is closed when the
-// last copy goes. This is what lets a Connection be an argument of mp::Process (which
-// copies its arguments, as Python's pickling does): the child gets the descriptor, and the
-// parent's own copies are closed with close() as in Python. Under fork the child inherits
-// every descriptor, including the ends it does not use; as with pipe(2), a reader sees EOF
-// only when every process has closed the other end, so close what you do not use. For spawn
-// and forkserver children a Connection serializes its descriptor through the FdChannel
-// (mp/serialize.hpp), so it can be a Process argument there too.
+// process share its descriptors: close() closes them for every copy, and they are closed
+// when the last copy goes. This is what lets a Connection be an argument of mp::Process
+// (which copies its arguments, as Python pickles them): the child gets the descriptors, and
+// the parent closes its own copy of the child's end with close(), as in Python, so that EOF
+// can reach it. A fork child inherits both ends of every Pipe its parent made; the first
+// time a process other than the one that called Pipe() uses one end, that process's copy
+// of the other end is closed (a process talks through one end; holding the other would hide
+// EOF from both sides). So a process should not use both ends of a Pipe it did not create.
+// For spawn and forkserver children a Connection serializes its descriptors through the
+// FdChannel (mp/serialize.hpp), with any bytes it had read ahead.
 //
 // One end is meant to be used by one thread of one process at a time (as in Python): two
 // readers of one end would split its messages between them.
@@ -155,7 +165,8 @@ class Connection {
   bool closed() const noexcept;
   bool readable() const noexcept;
   bool writable() const noexcept;
-  // The descriptor, for poll/select/epoll. Throws ProcessError when closed.
+  // The descriptor to poll for reading (for a send-only end, the one written to). Throws
+  // std::system_error (EBADF) when closed.
   int fileno() const;
 
   std::size_t max_message_size() const noexcept;
@@ -170,17 +181,22 @@ class Connection {
   // Bytes this end had already read ahead travel along.
   template <class Archive>
   void save(Archive& ar) const {
-    std::uint32_t index = detail::export_fd(fileno());
-    ar(index, readable(), writable(), static_cast<std::uint64_t>(max_message_size()), buffered());
+    auto [rfd, wfd] = descriptors();
+    std::uint32_t r_index = detail::export_fd(rfd);
+    bool two = wfd >= 0;
+    std::uint32_t w_index = two ? detail::export_fd(wfd) : 0;
+    ar(r_index, two, w_index, readable(), writable(),
+       static_cast<std::uint64_t>(max_message_size()), buffered());
   }
   template <class Archive>
   void load(Archive& ar) {
-    std::uint32_t index = 0;
-    bool r = false, w = false;
+    std::uint32_t r_index = 0, w_index = 0;
+    bool two = false, r = false, w = false;
     std::uint64_t max = 0;
     std::string ahead;
-    ar(index, r, w, max, ahead);
-    *this = adopt_imported(detail::import_fd(index), r, w, max, std::move(ahead));
+    ar(r_index, two, w_index, r, w, max, ahead);
+    *this = adopt_imported(detail::import_fd(r_index), two ? detail::import_fd(w_index) : -1, r, w,
+                           max, std::move(ahead));
   }
 
  private:
@@ -191,13 +207,17 @@ class Connection {
   void recv_exact(void* dst, std::size_t size, std::string_view what);
   bool has_buffered() const noexcept;
   std::string buffered() const;
-  static Connection adopt_imported(int fd, bool r, bool w, std::uint64_t max, std::string ahead);
+  // Two descriptors: read from fd, write to wfd (-1: fd does both).
+  static Connection from_fds(int fd, int wfd, bool readable, bool writable);
+  std::pair<int, int> descriptors() const;
+  static Connection adopt_imported(int fd, int wfd, bool r, bool w, std::uint64_t max,
+                                   std::string ahead);
 
   std::shared_ptr<detail::ConnState> state_;
 };
 
-// A connected pair. duplex: two ends that both send and receive (a socket pair);
-// otherwise the first end only receives and the second only sends (a pipe), as in Python.
+// A connected pair. duplex: two ends that both send and receive (a pipe each way);
+// otherwise the first end only receives and the second only sends (one pipe), as in Python.
 std::pair<Connection, Connection> Pipe(bool duplex = true);
 
 // Something mp::wait() can wait for: a Connection (ready when a message or EOF is there) or
