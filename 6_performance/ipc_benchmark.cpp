@@ -1,7 +1,8 @@
 // ipc_benchmark.cpp - How fast mp moves data between processes, beside the same work done by hand.
 //
-// Each workload runs twice in the same run: through mp (Queue, SharedMemory...) and by hand
-// with raw system calls, atomics and memcpy (ipc_raw.cpp), the floor mp cannot beat. The
+// Each workload runs twice in the same run: through mp (Queue, Pipe, Value, SharedMemory:
+// ipc_mp.cpp) and by hand with raw system calls, atomics and memcpy (ipc_raw.cpp), the
+// floor mp cannot beat. The
 // table shows both figures and their ratio; on a shared, noisy machine the ratio within
 // one run means more than either absolute figure. Each figure is the best of --repeat runs.
 //
@@ -15,11 +16,7 @@
 // each side copies every byte once. Build with the release preset for real figures.
 #include <fmt/format.h>
 
-#include <chrono>
-#include <cstring>
 #include <functional>
-#include <mp/process.hpp>
-#include <mp/queue.hpp>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <stdexcept>
@@ -27,92 +24,48 @@
 #include <utility>
 #include <vector>
 
+#include "ipc_mp.hpp"
 #include "ipc_raw.hpp"
 #include "lesson.hpp"
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-struct Params {
-  bool quick = false;
-  long scale(long full, long quick_n) const { return quick ? quick_n : full; }
-};
-
-// A workload: its id, unit, what it does, and how to run it through mp and by hand. Each
-// run returns one figure in `unit` and throws when the work went wrong (a lost message).
+// A workload: its id, unit, what it does, its size (messages, rounds, MiB...) in a full and
+// a --quick run, and how to run it through mp and by hand. Each run returns one figure in
+// `unit` and throws when the work went wrong (a lost or damaged message).
 struct Workload {
   const char* id;
   const char* unit;
   const char* what;
-  std::function<double(const Params&)> run_mp;
-  std::function<double(const Params&)> run_raw;
+  struct {
+    long full, quick;
+  } n;
+  std::function<double(long)> run_mp;
+  std::function<double(long)> run_raw;
 };
 
-// ---- mp side ---------------------------------------------------------------------------
-
-void put_small(mp::Queue<raw::Small> q, long n) {
-  raw::Small m{};
-  for (long i = 0; i < n; ++i) {
-    m.seq = static_cast<std::uint64_t>(i);
-    q.put(m);
-  }
-}
-
-double queue_small(const Params& p) {
-  long n = p.scale(2'000'000, 50'000);
-  mp::Queue<raw::Small> q;
-  mp::Process producer{put_small, q, n};
-  producer.start();
-  Clock::time_point t0;
-  bool in_order = true;
-  for (long i = 0; i < n; ++i) {
-    in_order = in_order && q.get().seq == static_cast<std::uint64_t>(i);
-    if (i == 0) t0 = Clock::now();  // the clock starts at the first message
-  }
-  double s = lesson::seconds_since(t0);
-  producer.join();
-  if (!in_order || producer.exitcode() != 0) throw std::runtime_error("queue_small went wrong");
-  return static_cast<double>(n - 1) / s;
-}
-
-constexpr std::size_t kMiB = 1u << 20;
-
-void put_big(mp::Queue<std::vector<char>> q, long n) {
-  std::vector<char> block(kMiB, 'x');
-  for (long i = 0; i < n; ++i) {
-    block.front() = block.back() = static_cast<char>(i);
-    q.put(block);
-  }
-}
-
-double queue_1mib(const Params& p) {
-  long n = p.scale(2000, 40);
-  mp::Queue<std::vector<char>> q;  // the default 4 MiB ring: three messages in flight
-  mp::Process producer{put_big, q, n};
-  producer.start();
-  Clock::time_point t0;
-  bool whole = true;
-  for (long i = 0; i < n; ++i) {
-    std::vector<char> v = q.get();
-    whole = whole && v.size() == kMiB && v.front() == static_cast<char>(i) &&
-            v.back() == static_cast<char>(i);
-    if (i == 0) t0 = Clock::now();
-  }
-  double s = lesson::seconds_since(t0);
-  producer.join();
-  if (!whole || producer.exitcode() != 0) throw std::runtime_error("queue_1mib went wrong");
-  return static_cast<double>(n - 1) * kMiB / s / 1e6;
-}
-
-// Every workload, in table order. To add one: a row here, its mp and raw functions above.
+// Every workload, in table order. To add one: a row here, its functions in ipc_mp.cpp and
+// ipc_raw.cpp.
 std::vector<Workload> all_workloads() {
+  auto shm_raw = [](long mib) { return raw::shm_fill(static_cast<std::size_t>(mib) << 20); };
+  // clang-format off
   return {
-      {"queue_small", "msgs/s", "64-byte messages, 1 producer -> 1 consumer process", queue_small,
-       [](const Params& p) { return raw::spsc_small(p.scale(2'000'000, 50'000)); }},
-      {"queue_1mib", "MB/s", "1 MiB messages, 1 producer -> 1 consumer; raw: memcpy", queue_1mib,
-       [](const Params& p) { return raw::memcpy_bandwidth(p.scale(2000, 40)); }},
+    {"queue_small", "msgs/s", "64-byte messages, 1 producer -> 1 consumer process; raw: SPSC ring",
+     {2'000'000, 50'000}, with_mp::queue_small, raw::spsc_small},
+    {"queue_1mib", "MB/s", "1 MiB messages, 1 producer -> 1 consumer process; raw: memcpy",
+     {2000, 40}, with_mp::queue_1mib, raw::memcpy_bandwidth},
+    {"pipe_small", "msgs/s", "64-byte messages over Pipe(false); raw: pipe(2)",
+     {500'000, 20'000}, with_mp::pipe_small, raw::pipe_small},
+    {"pipe_1mib", "MB/s", "1 MiB messages over Pipe(false); raw: pipe(2)",
+     {1000, 40}, with_mp::pipe_1mib, raw::pipe_bulk},
+    {"pipe_rtt", "us", "1-byte round trip over two Pipe(false); raw: two pipe(2)",
+     {10'000, 500}, with_mp::pipe_rtt, raw::pipe_rtt},
+    {"value_locked_inc", "ns", "2 processes x N increments of a Value<int64_t> under get_lock()",
+     {1'000'000, 20'000}, with_mp::value_locked_inc, raw::locked_inc},
+    {"shm_fill", "MB/s", "create a 256 MiB SharedMemory and write it; raw: shared anonymous mmap",
+     {256, 16}, with_mp::shm_fill, shm_raw},
   };
+  // clang-format on
 }
 
 // 12345678 -> "12.3 M".
@@ -120,18 +73,19 @@ std::string human(double v) {
   if (v >= 1e9) return fmt::format("{:.3g} G", v / 1e9);
   if (v >= 1e6) return fmt::format("{:.3g} M", v / 1e6);
   if (v >= 1e4) return fmt::format("{:.3g} k", v / 1e3);
+  if (v >= 100) return fmt::format("{:.0f}", v);
   return fmt::format("{:.3g}", v);
 }
 
 // Runs mp and raw alternately, `repeat` times each, so that both meet the same load; the
-// best figure of each counts (for "lower is better" units, the lowest).
-std::pair<double, double> best_of(int repeat, const Workload& w, const Params& p) {
-  bool lower = w.unit[0] == 'u' || w.unit[0] == 'n';  // us/..., ns/...
+// best figure of each counts (for times per operation, us and ns, the lowest).
+std::pair<double, double> best_of(int repeat, const Workload& w, long n) {
+  bool lower = w.unit[0] == 'u' || w.unit[0] == 'n';
   auto better = [&](double a, double b) { return lower ? std::min(a, b) : std::max(a, b); };
-  double mine = w.run_mp(p), floor = w.run_raw(p);
+  double mine = w.run_mp(n), floor = w.run_raw(n);
   for (int i = 1; i < repeat; ++i) {
-    mine = better(mine, w.run_mp(p));
-    floor = better(floor, w.run_raw(p));
+    mine = better(mine, w.run_mp(n));
+    floor = better(floor, w.run_raw(n));
   }
   return {mine, floor};
 }
@@ -141,10 +95,10 @@ std::pair<double, double> best_of(int repeat, const Workload& w, const Params& p
 int main(int argc, char** argv) {
   lesson::Lesson L{MP_LESSON_ID,
                    "How fast mp moves data between processes, beside the same work done by hand."};
-  Params params;
+  bool quick = false;
   std::string filter = ".*";
   int repeat = 3;
-  L.cli().add_flag("--quick", params.quick, "small sizes, one run each: a smoke test");
+  L.cli().add_flag("--quick", quick, "small sizes, one run each: a smoke test");
   L.cli()
       .add_option("--filter", filter, "only workloads whose id matches this regex")
       ->check([](const std::string& f) -> std::string {
@@ -162,23 +116,28 @@ int main(int argc, char** argv) {
       .add_option("--repeat", repeat, "runs per figure; the best counts")
       ->check(CLI::Range(1, 20));
   L.parse(argc, argv);
-  if (params.quick) repeat = 1;
+  if (quick) repeat = 1;
 
   return L.run([&] {
     std::regex re(filter);
     nlohmann::json results = nlohmann::json::object();
-    L.say("{:<13} {:>10} {:>10}  {:<7} {:>6}   {}", "workload", "mp", "raw", "unit", "mp/raw",
+    L.say("Each figure is the best of {} run(s), mp and raw taking turns{}.\n", repeat,
+          quick ? " (--quick: small sizes, a smoke test rather than a measurement)" : "");
+    L.say("{:<17} {:>9} {:>9}  {:<6} {:>6}   {}", "workload", "mp", "raw", "unit", "mp/raw",
           "what");
     for (const auto& w : all_workloads()) {
       if (!std::regex_search(w.id, re)) continue;
-      auto [mine, floor] = best_of(repeat, w, params);
+      auto [mine, floor] = best_of(repeat, w, quick ? w.n.quick : w.n.full);
       double ratio = mine / floor;
-      L.say("{:<13} {:>10} {:>10}  {:<7} {:>6.2f}   {}", w.id, human(mine), human(floor), w.unit,
+      L.say("{:<17} {:>9} {:>9}  {:<6} {:>6.2f}   {}", w.id, human(mine), human(floor), w.unit,
             ratio, w.what);
       results[w.id] = {
           {"value", mine}, {"unit", w.unit}, {"raw_value", floor}, {"ratio_to_raw", ratio}};
     }
-    L.fact("quick", params.quick);
+    L.say(
+        "\nmp/raw: for rates (msgs/s, MB/s) 1.00 is as fast as the raw floor and less is "
+        "slower;\nfor times (us, ns per operation) 1.00 is as fast and more is slower.");
+    L.fact("quick", quick);
     L.fact("repeat", repeat);
     L.fact("workloads", results);
     return !results.empty();

@@ -23,7 +23,21 @@ double spsc_small(long n);
 // size of a default mp::Queue ring), after a warm-up lap. MB/s (10^6 bytes).
 double memcpy_bandwidth(long n);
 
-// mmap(MAP_ANONYMOUS) `bytes` and memset them (page faults included). MB/s.
-double anon_fill(std::size_t bytes);
+// mmap(MAP_SHARED | MAP_ANONYMOUS) `bytes` and memset them (page faults included). MB/s.
+double shm_fill(std::size_t bytes);
+
+// `n` 64-byte messages from a forked writer through pipe(2), one write() and one read() per
+// message. Messages per second.
+double pipe_small(long n);
+
+// `n` 1 MiB messages through pipe(2), written and read in full. MB/s.
+double pipe_bulk(long n);
+
+// `n` round trips of 1 byte over two pipes with a forked echo process. Microseconds each.
+double pipe_rtt(long n);
+
+// Two forked processes each add 1 to a shared int64 `n` times, under a robust
+// process-shared pthread mutex. Nanoseconds per increment (wall time / 2n).
+double locked_inc(long n);
 
 }  // namespace raw

@@ -8,7 +8,8 @@ TEST_CASE("6_performance/ipc_benchmark: every workload has its mp figure, raw fl
   auto r = testing::run_lesson_json("6_performance/ipc_benchmark", {"--quick"});
   CHECK(r["quick"] == true);
   const auto& w = r["workloads"];
-  for (const char* id : {"queue_small", "queue_1mib"}) {
+  for (const char* id : {"queue_small", "queue_1mib", "pipe_small", "pipe_1mib", "pipe_rtt",
+                         "value_locked_inc", "shm_fill"}) {
     INFO(id);
     REQUIRE(w.contains(id));
     double value = w[id]["value"], raw = w[id]["raw_value"], ratio = w[id]["ratio_to_raw"];
@@ -18,6 +19,9 @@ TEST_CASE("6_performance/ipc_benchmark: every workload has its mp figure, raw fl
   }
   CHECK(w["queue_small"]["unit"] == "msgs/s");
   CHECK(w["queue_1mib"]["unit"] == "MB/s");
+  CHECK(w["pipe_rtt"]["unit"] == "us");
+  CHECK(w["value_locked_inc"]["unit"] == "ns");
+  CHECK(w["shm_fill"]["unit"] == "MB/s");
 }
 
 TEST_CASE("6_performance/ipc_benchmark: --filter runs only the matching workloads",
