@@ -208,3 +208,31 @@ TEST_CASE("context: the forkserver runs its preload functions once, before any c
   mp::set_forkserver_preload({});
   mp::detail::stop_forkserver();
 }
+
+namespace {
+struct Handle {  // trivially copyable, but says how to serialize itself
+  int fd;
+  template <class Archive>
+  void serialize(Archive& ar) {
+    ar(fd);
+  }
+};
+}  // namespace
+
+TEST_CASE("serialize: numbers and plain structs are copied as bytes; handles go through cereal",
+          "[context][serialize]") {  STATIC_REQUIRE(mp::TriviallySerializable<int>);
+  STATIC_REQUIRE(mp::TriviallySerializable<double>);
+  STATIC_REQUIRE(mp::TriviallySerializable<Plain>);
+  STATIC_REQUIRE(mp::TriviallySerializable<std::array<int, 4>>);
+  STATIC_REQUIRE_FALSE(mp::TriviallySerializable<Handle>);
+  STATIC_REQUIRE_FALSE(mp::TriviallySerializable<std::string>);
+  CHECK(mp::dumps(42).size() == sizeof(int));  // no length prefix: the memcpy path
+  CHECK(mp::dumps(Plain{1, 2.0, "x"}).size() == sizeof(Plain));
+  auto [i, s, q] =
+      mp::loads<int, std::string, Plain>(mp::dumps(7, std::string("seven"), Plain{7, 7.5, "p"}));
+  CHECK(i == 7);
+  CHECK(s == "seven");
+  CHECK(q.b == 7.5);
+  CHECK_THROWS_AS(mp::loads<int>(std::string(3, 'x')), mp::SerializationError);
+  CHECK_THROWS_AS(mp::loads<int>(std::string(5, 'x')), mp::SerializationError);
+}

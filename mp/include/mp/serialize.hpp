@@ -28,6 +28,7 @@
 #include <cereal/types/unordered_set.hpp>
 #include <cereal/types/variant.hpp>
 #include <cereal/types/vector.hpp>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <istream>
@@ -45,12 +46,19 @@ namespace mp {
 // Types that say how cereal should serialize them (serialize, or save and load, as members
 // or free functions). They always go through cereal, even when trivially copyable: a handle
 // that holds a descriptor number must translate it, not copy it.
+// (cereal's own functions for numbers and std::array don't count: those are plain bytes.)
+template <class T>
+struct IsStdArray : std::false_type {};
+template <class U, std::size_t N>
+struct IsStdArray<std::array<U, N>> : std::true_type {};
+
 template <class T>
 concept HasCerealFunctions =
-    cereal::traits::has_member_serialize<T, cereal::BinaryOutputArchive>::value ||
+    std::is_class_v<T> && !IsStdArray<T>::value &&
+    (cereal::traits::has_member_serialize<T, cereal::BinaryOutputArchive>::value ||
     cereal::traits::has_non_member_serialize<T, cereal::BinaryOutputArchive>::value ||
     cereal::traits::has_member_save<T, cereal::BinaryOutputArchive>::value ||
-    cereal::traits::has_non_member_save<T, cereal::BinaryOutputArchive>::value;
+    cereal::traits::has_non_member_save<T, cereal::BinaryOutputArchive>::value);
 
 // Types that take the memcpy fast path.
 template <class T>
