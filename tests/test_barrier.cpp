@@ -110,7 +110,7 @@ TEST_CASE("barrier: threads of one process, indices and a default timeout", "[ba
   CHECK(with_default.n_waiting() == 0);
 }
 
-TEST_CASE("barrier: rounds across processes; every index once; the action once a round",
+TEST_CASE("barrier: rounds across processes, every index once, the action once a round",
           "[barrier]") {
   testing::ShmGuard shm;
   auto ctx = synctest::any_context();
@@ -192,7 +192,7 @@ TEST_CASE("barrier: abort and reset wake the waiting parties with BrokenBarrierE
   }
 }
 
-TEST_CASE("barrier: an action that throws breaks the round; its party gets the exception",
+TEST_CASE("barrier: an action that throws breaks the round, its party gets the exception",
           "[barrier]") {
   auto ctx = synctest::any_context();
   mp::Barrier barrier{2, throwing_action};

@@ -201,3 +201,76 @@ TEST_CASE("condition: a waiter takes the lock back from a holder that died", "[c
   CHECK(holder.exitcode() == -SIGKILL);
   guard.unlock();
 }
+
+TEST_CASE("condition: a later waiter cannot take a wake-up meant for an earlier one",
+          "[condition]") {
+  auto ctx = synctest::any_context();
+  mp::Condition cond;
+  Shared<Stage> s;
+  mp::Process early{ctx, wait_once, cond, s};
+  early.start();
+  REQUIRE(synctest::eventually([&] {
+    std::lock_guard g{cond};
+    return s->entered == 1;
+  }));
+  std::unique_lock guard{cond};
+  cond.notify(1);                // meant for `early`, which waited before the call...
+  CHECK_FALSE(cond.wait(50ms));  // ...so this later waiter times out instead of taking it
+  guard.unlock();
+  REQUIRE(early.join(60s));
+  CHECK(early.exitcode() == 0);  // notified, not timed out
+  CHECK(s->woken == 1);
+}
+
+namespace {
+constexpr int kRing = 4;
+struct Ring {
+  int slot[kRing];
+  int head, count, produced_done;
+  long long sum;
+  int taken;
+};
+int produce(mp::Condition cond, Shared<Ring> r, int n) {
+  for (int i = 1; i <= n; ++i) {
+    std::unique_lock g{cond};
+    if (!cond.wait_for([&] { return r->count < kRing; }, 60s)) return 1;
+    r->slot[(r->head + r->count) % kRing] = i;
+    ++r->count;
+    cond.notify_all();
+  }
+  std::lock_guard g{cond};
+  r->produced_done = 1;
+  cond.notify_all();
+  return 0;
+}
+int consume(mp::Condition cond, Shared<Ring> r) {
+  for (;;) {
+    std::unique_lock g{cond};
+    if (!cond.wait_for([&] { return r->count > 0 || r->produced_done; }, 60s)) return 1;
+    if (r->count == 0) return 0;
+    r->sum += r->slot[r->head];
+    ++r->taken;
+    r->head = (r->head + 1) % kRing;
+    --r->count;
+    cond.notify_all();
+  }
+}
+}  // namespace
+
+TEST_CASE("condition: a bounded buffer between two processes moves every item once",
+          "[condition]") {
+  auto ctx = synctest::any_context();
+  mp::Condition cond;
+  Shared<Ring> r;
+  constexpr int kItems = 3000;
+  mp::Process producer{ctx, produce, cond, r, kItems};
+  mp::Process consumer{ctx, consume, cond, r};
+  producer.start();
+  consumer.start();
+  REQUIRE(producer.join(120s));
+  REQUIRE(consumer.join(120s));
+  CHECK(producer.exitcode() == 0);
+  CHECK(consumer.exitcode() == 0);
+  CHECK(r->taken == kItems);
+  CHECK(r->sum == 1LL * kItems * (kItems + 1) / 2);
+}

@@ -71,7 +71,7 @@ TEST_CASE("event: one set() wakes every waiting child", "[event]") {
   CHECK(shm.leaked().empty());
 }
 
-TEST_CASE("event: a child sets it for the parent; a child's wait times out", "[event]") {
+TEST_CASE("event: a child sets it for the parent, a child's wait times out", "[event]") {
   auto ctx = synctest::any_context();
   mp::Event ev;
   mp::Process quiet{ctx, wait_expecting_timeout, ev};

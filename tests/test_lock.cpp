@@ -146,7 +146,7 @@ TEST_CASE("lock: acquire, release and the standard guards in one process", "[loc
   CHECK(lock.recoveries() == 0);
 }
 
-TEST_CASE("lock: copies are the same lock; another thread is not the holder", "[lock]") {
+TEST_CASE("lock: copies are the same lock, another thread is not the holder", "[lock]") {
   mp::Lock lock;
   mp::Lock copy = lock;
   CHECK(copy == lock);

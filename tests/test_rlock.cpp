@@ -67,7 +67,7 @@ int try_release(mp::RLock lock) {
 
 }  // namespace
 
-TEST_CASE("rlock: the holder may acquire again; it is free after as many releases", "[rlock]") {
+TEST_CASE("rlock: the holder may acquire again, it is free after as many releases", "[rlock]") {
   mp::RLock lock;
   CHECK(lock.depth() == 0);
   CHECK(lock.acquire());
@@ -117,7 +117,7 @@ TEST_CASE("rlock: another thread neither gets it nor releases it", "[rlock]") {
   lock.release();
 }
 
-TEST_CASE("rlock: a handle received through the descriptor channel; kinds are checked", "[rlock]") {
+TEST_CASE("rlock: a handle received through the descriptor channel, kinds are checked", "[rlock]") {
   mp::RLock lock;
   std::string bytes;
   std::vector<int> fds;

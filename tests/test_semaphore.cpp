@@ -48,7 +48,7 @@ int timed_acquire(mp::Semaphore sem, Shared<Room> room, double seconds, bool exp
 
 }  // namespace
 
-TEST_CASE("semaphore: counts units; timeouts; Python's unbounded release", "[semaphore]") {
+TEST_CASE("semaphore: counts units, timeouts, Python's unbounded release", "[semaphore]") {
   mp::Semaphore sem(2);
   CHECK(sem.get_value() == 2);
   CHECK(sem.acquire());

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <limits>
 #include <mutex>
 #include <new>
 #include <stdexcept>
@@ -23,6 +24,29 @@ namespace detail {
 namespace {
 
 constexpr std::uint32_t kMagic = 0x6d707379;  // "mpsy"
+
+// How long a blocked caller polls before it sleeps: short against the 20-80 us a sleeping
+// wake-up costs here, long enough to catch a peer running on another CPU that is about to
+// let go. Bounded in time rather than in iterations (kSpinCount): a pause instruction takes
+// 1 to 40 ns depending on the CPU, and on a busy machine the peer may need our CPU.
+constexpr auto kSpinBudget = std::chrono::microseconds(5);
+
+}  // namespace
+
+// Polls ready() with cpu_relax() in between until it returns true (then true), or until
+// the spin budget or kSpinCount polls are spent (then false).
+template <class Ready>
+bool spin(Ready ready) {
+  auto end = std::chrono::steady_clock::now() + kSpinBudget;
+  for (int i = 1; i <= kSpinCount; ++i) {
+    cpu_relax();
+    if (ready()) return true;
+    if ((i & 31) == 0 && std::chrono::steady_clock::now() >= end) return false;
+  }
+  return false;
+}
+
+namespace {
 
 // The longest a waiter sleeps before it checks again (see mutex_acquire).
 constexpr auto kParkSlice = std::chrono::milliseconds(100);
@@ -107,10 +131,11 @@ Acquired mutex_acquire(MutexState& m, bool block, const Deadline& deadline) {
   int r = ::pthread_mutex_trylock(&m.mutex);
   if (r == EBUSY && block) {
     // Busy: poll the word for a few microseconds, as a holder is often about to let go...
-    for (int i = 0; i < kSpinCount && r == EBUSY; ++i) {
-      cpu_relax();
-      if ((mutex_word(m) & FUTEX_TID_MASK) == 0) r = ::pthread_mutex_trylock(&m.mutex);
-    }
+    spin([&] {
+      if ((mutex_word(m) & FUTEX_TID_MASK) != 0) return false;
+      r = ::pthread_mutex_trylock(&m.mutex);
+      return r != EBUSY;
+    });
     // ...then sleep on the futex (glibc sets FUTEX_WAITERS so that the holder wakes us), in
     // slices: a waiter woken by an unlock that is killed before it takes the lock swallows
     // the wake-up while another process may have taken the lock meanwhile without
@@ -158,7 +183,7 @@ void mutex_release(MutexState& m, std::string_view what) {
   if (r == EPERM) {
     throw ProcessError(fmt::format("cannot release {}: the calling thread does not hold it", what));
   }
-  check_pthread(r, fmt::format("release {}", what));
+  if (r != 0) throw system_error(r, fmt::format("release {}", what));
 }
 
 bool mutex_held_by_me(const MutexState& m) noexcept {
@@ -369,9 +394,9 @@ bool Semaphore::acquire_until(bool block, const detail::Deadline& deadline) {
   auto& s = *state_;
   if (try_take(s.value)) return true;
   if (!block) return false;
-  for (int i = 0; i < detail::kSpinCount; ++i) {
-    detail::cpu_relax();
-    if (s.value.load(std::memory_order_relaxed) > 0 && try_take(s.value)) return true;
+  if (detail::spin(
+          [&] { return s.value.load(std::memory_order_relaxed) > 0 && try_take(s.value); })) {
+    return true;
   }
   s.waiters.fetch_add(1);
   bool got = false;
@@ -439,10 +464,7 @@ bool Event::is_set() const noexcept { return state_->flag.load() != 0; }
 bool Event::wait_until(const detail::Deadline& deadline) {
   auto& s = *state_;
   if (s.flag.load() != 0) return true;
-  for (int i = 0; i < detail::kSpinCount; ++i) {
-    detail::cpu_relax();
-    if (s.flag.load(std::memory_order_relaxed) != 0) return s.flag.load() != 0;
-  }
+  if (detail::spin([&] { return s.flag.load(std::memory_order_relaxed) != 0; })) return true;
   s.waiters.fetch_add(1);
   bool set = false;
   for (;;) {
@@ -462,33 +484,54 @@ bool Event::wait(Seconds timeout) { return wait_until(detail::deadline_from(time
 // ---- Condition ----------------------------------------------------------------------------
 
 namespace {
-constexpr std::uint32_t kOneWaiter = 1u << 16;
-constexpr std::uint32_t kPermitMask = kOneWaiter - 1;
-constexpr std::uint32_t waiting(std::uint32_t w) noexcept { return w >> 16; }
-constexpr std::uint32_t permits(std::uint32_t w) noexcept { return w & kPermitMask; }
+
+constexpr std::uint32_t kConditionSlots = 4096;
+enum SlotState : std::uint32_t { kFree = 0, kWaiting = 1, kNotified = 2 };
+
+std::size_t condition_size(std::uint32_t capacity) {
+  return sizeof(detail::ConditionState) + capacity * sizeof(detail::ConditionSlot);
+}
+
+detail::ConditionSlot* slots_of(detail::ConditionState& s) noexcept {
+  static_assert(sizeof(detail::ConditionState) % alignof(detail::ConditionSlot) == 0);
+  return reinterpret_cast<detail::ConditionSlot*>(reinterpret_cast<char*>(&s) +
+                                                  sizeof(detail::ConditionState));
+}
+
+// Whether pid has ended (a zombie has ended too). A process we may not signal is alive.
+bool process_ended(pid_t pid) noexcept {
+  int fd = detail::pidfd_open(pid);
+  if (fd < 0) return errno == ESRCH;
+  pollfd p{fd, POLLIN, 0};
+  int r = detail::retry_eintr([&] { return ::poll(&p, 1, 0); });
+  ::close(fd);
+  return r == 1;
+}
+
 }  // namespace
 
 Condition::Condition() : Condition(RLock{}) {}
 
-Condition::Condition(Lock lock) : lock_(std::move(lock)) {
-  auto r = detail::SyncRegion::create(sizeof(detail::ConditionState), detail::SyncKind::condition);
+Condition::Condition(Lock lock) : lock_(std::move(lock)) { create_region(); }
+
+Condition::Condition(RLock lock) : lock_(std::move(lock)) { create_region(); }
+
+void Condition::create_region() {
+  auto r = detail::SyncRegion::create(condition_size(kConditionSlots), detail::SyncKind::condition);
   auto* s = r->as<detail::ConditionState>();
+  s->capacity = kConditionSlots;
   s->header.kind = detail::SyncKind::condition;
   s->header.magic = detail::kMagic;
   set_region(std::move(r));
 }
 
-Condition::Condition(RLock lock) : lock_(std::move(lock)) {
-  auto r = detail::SyncRegion::create(sizeof(detail::ConditionState), detail::SyncKind::condition);
+void Condition::set_region(std::shared_ptr<detail::SyncRegion> r) {
   auto* s = r->as<detail::ConditionState>();
-  s->header.kind = detail::SyncKind::condition;
-  s->header.magic = detail::kMagic;
-  set_region(std::move(r));
-}
-
-void Condition::set_region(std::shared_ptr<detail::SyncRegion> r) noexcept {
+  if (s->capacity == 0 || r->size() < condition_size(s->capacity)) {
+    throw SerializationError("cannot attach a condition: the region received is too small");
+  }
   region_ = std::move(r);
-  state_ = region_->as<detail::ConditionState>();
+  state_ = s;
 }
 
 bool Condition::acquire(bool block) {
@@ -509,44 +552,85 @@ bool Condition::owner_died() const noexcept {
 bool Condition::held_by_me() const noexcept {
   return std::visit([&](const auto& l) { return l.held_by_me(); }, lock_);
 }
+std::uint64_t Condition::lock_recoveries() const noexcept {
+  return std::visit([&](const auto& l) { return l.recoveries(); }, lock_);
+}
+
+detail::ConditionSlot* Condition::slots() {
+  auto& s = *state_;
+  detail::ConditionSlot* slot = slots_of(s);
+  std::uint64_t recoveries = lock_recoveries();
+  if (recoveries != s.seen_recoveries) {
+    // A holder died with the lock, perhaps half way through a wait() or notify() of ours:
+    // make the counts agree with the slots again. A slot whose word says notified is.
+    std::uint32_t waiting = 0;
+    for (std::uint32_t i = 0; i < s.high_water && i < s.capacity; ++i) {
+      if (slot[i].state.load() == kWaiting) {
+        if (slot[i].word.load() != 0) {
+          slot[i].state.store(kNotified);
+        } else {
+          ++waiting;
+        }
+      }
+    }
+    s.waiting = waiting;
+    s.seen_recoveries = recoveries;
+  }
+  return slot;
+}
 
 bool Condition::wait_until(const detail::Deadline& deadline) {
   if (!held_by_me()) {
     throw ProcessError("cannot wait on a Condition: the calling thread does not hold its lock");
   }
-  auto& word = state_->word;
-  // Join the waiters while we hold the lock, so that a notify() after we let go counts us.
-  std::uint32_t w = word.load();
-  do {
-    if (waiting(w) == 0xffff) {
-      throw ProcessError("cannot wait on a Condition: 65535 processes are waiting already");
-    }
-  } while (!word.compare_exchange_weak(w, w + kOneWaiter));
+  auto& s = *state_;
+  detail::ConditionSlot* slot = slots();
 
+  // Take a slot (the lowest free one), under the lock we hold.
+  auto find_free = [&]() -> std::uint32_t {
+    for (std::uint32_t i = 0; i < s.capacity; ++i) {
+      if (slot[i].state.load() == kFree) return i;
+    }
+    return s.capacity;
+  };
+  std::uint32_t me = find_free();
+  if (me == s.capacity) {
+    // Full: reclaim the slots of waiters that died.
+    for (std::uint32_t i = 0; i < s.capacity; ++i) {
+      std::uint32_t st = slot[i].state.load();
+      if (st != kFree && process_ended(slot[i].pid.load())) {
+        if (st == kWaiting) --s.waiting;
+        slot[i].state.store(kFree);
+      }
+    }
+    me = find_free();
+    if (me == s.capacity) {
+      throw ProcessError(
+          fmt::format("cannot wait on a Condition: {} processes are waiting already", s.capacity));
+    }
+  }
+  detail::ConditionSlot& mine = slot[me];
+  mine.pid.store(::getpid());
+  mine.ticket = s.next_ticket++;
+  mine.word.store(0);
+  mine.state.store(kWaiting);
+  ++s.waiting;
+  if (me >= s.high_water) s.high_water = me + 1;
+
+  // Let go of the lock (every level of an RLock) and sleep on our own word.
   std::uint32_t depth = 0;
   if (auto* r = std::get_if<RLock>(&lock_)) {
     depth = r->release_all();
   } else {
     std::get<Lock>(lock_).release();
   }
-
-  bool notified = false;
-  bool expired = false;
-  for (;;) {
-    w = word.load();
-    if (permits(w) > 0) {
-      // Take a permit, and leave the waiters, in one step.
-      if (word.compare_exchange_weak(w, w - kOneWaiter - 1)) {
-        notified = true;
-        break;
-      }
-      continue;
+  bool notified = detail::spin([&] { return mine.word.load(std::memory_order_relaxed) != 0; });
+  while (!notified) {
+    if (mine.word.load() != 0) {
+      notified = true;
+    } else if (!detail::park(mine.word, 0, deadline)) {
+      break;
     }
-    if (expired) {
-      if (word.compare_exchange_weak(w, w - kOneWaiter)) break;
-      continue;
-    }
-    if (!detail::park(word, w, deadline)) expired = true;
   }
 
   // Take the lock back, whatever happened; a holder that died meanwhile shows in owner_died().
@@ -555,6 +639,10 @@ bool Condition::wait_until(const detail::Deadline& deadline) {
   } else {
     detail::mutex_acquire(*std::get<Lock>(lock_).state_, true, std::nullopt);
   }
+  slots();                                     // a recount, if the lock was recovered
+  if (mine.word.load() != 0) notified = true;  // a notify raced with the timeout
+  if (mine.state.load() == kWaiting) --s.waiting;
+  mine.state.store(kFree);
   return notified;
 }
 
@@ -565,19 +653,37 @@ void Condition::notify(int n) {
   if (!held_by_me()) {
     throw ProcessError("cannot notify a Condition: the calling thread does not hold its lock");
   }
-  if (n <= 0) return;
-  auto& word = state_->word;
-  std::uint32_t w = word.load();
-  std::uint32_t k = 0;
-  do {
-    std::uint32_t unserved = waiting(w) - permits(w);
-    k = std::min<std::uint32_t>(unserved, static_cast<std::uint32_t>(n));
-    if (k == 0) return;
-  } while (!word.compare_exchange_weak(w, w + k));
-  detail::futex_wake(word, static_cast<int>(k));
+  auto& s = *state_;
+  detail::ConditionSlot* slot = slots();
+  const std::uint32_t end = std::min(s.high_water, s.capacity);
+  auto wake = [&](detail::ConditionSlot& w) {
+    w.word.store(1);
+    w.state.store(kNotified);
+    --s.waiting;
+    detail::futex_wake(w.word, 1);
+  };
+  if (n <= 0 || s.waiting == 0) return;
+  if (static_cast<std::uint32_t>(n) >= s.waiting) {
+    for (std::uint32_t i = 0; i < end; ++i) {
+      if (slot[i].state.load() == kWaiting) wake(slot[i]);
+    }
+    return;
+  }
+  // The n longest waiting: the lowest tickets.
+  for (int k = 0; k < n && s.waiting > 0; ++k) {
+    std::uint32_t oldest = end;
+    for (std::uint32_t i = 0; i < end; ++i) {
+      if (slot[i].state.load() == kWaiting &&
+          (oldest == end || slot[i].ticket < slot[oldest].ticket)) {
+        oldest = i;
+      }
+    }
+    if (oldest == end) break;
+    wake(slot[oldest]);
+  }
 }
 
-void Condition::notify_all() { notify(0xffff); }
+void Condition::notify_all() { notify(std::numeric_limits<int>::max()); }
 
 // ---- Barrier ------------------------------------------------------------------------------
 
@@ -607,16 +713,6 @@ std::string broken_message(std::uint32_t reason) {
 }
 
 constexpr auto kLivenessPeriod = std::chrono::milliseconds(50);
-
-// Whether pid has ended (a zombie has ended too). A process we may not signal is alive.
-bool process_ended(pid_t pid) noexcept {
-  int fd = detail::pidfd_open(pid);
-  if (fd < 0) return errno == ESRCH;
-  pollfd p{fd, POLLIN, 0};
-  int r = detail::retry_eintr([&] { return ::poll(&p, 1, 0); });
-  ::close(fd);
-  return r == 1;
-}
 
 std::size_t barrier_size(std::uint32_t parties) {
   return sizeof(detail::BarrierState) + parties * sizeof(std::atomic<pid_t>);

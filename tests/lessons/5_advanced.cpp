@@ -27,3 +27,16 @@ TEST_CASE("5_advanced/process_inheritance: what fork, spawn and forkserver child
   CHECK(t["fork"].size() == 9);
   CHECK(t["forkserver"].size() == 9);
 }
+
+TEST_CASE("5_advanced/robust_lock: the holder is killed, the lock is recovered, data repaired",
+          "[lessons][5_advanced]") {
+  auto r = testing::run_lesson_json("5_advanced/robust_lock", {"--workers", "3", "--items", "150"});
+  CHECK(r["victim_exitcode"] == -9);  // SIGKILL
+  CHECK(r["owner_died"] == true);
+  CHECK(r["recoveries"] == 1);
+  CHECK(r["transfers"] == 450);
+  CHECK(r["final_balance"] == r["expected_balance"]);
+  CHECK(r["final_balance"] == 1000);
+  CHECK(r["balance_exact"] == true);
+  CHECK(r["lock_free_at_end"] == true);
+}

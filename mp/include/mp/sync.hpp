@@ -106,12 +106,27 @@ struct EventState {
   std::atomic<std::uint32_t> waiters;
 };
 
-// A Condition's wait queue, one futex word: the number of waiting processes in the high
-// half, the number of wake-up permits that notify() issued and no waiter has taken yet in
-// the low half. Both change together, so a permit is never issued to no one.
+// A Condition's waiters: one slot each, with a futex word of its own, so that notify() wakes
+// exactly the waiters it chose - the ones that have waited longest (lowest ticket) - and no
+// later arrival can take their turn. Everything but the futex words changes only under the
+// Condition's lock, in an order that a recount can repair if a holder dies half way.
+struct ConditionSlot {
+  std::atomic<std::uint32_t> word;   // futex: 0 waiting, 1 notified
+  std::atomic<std::uint32_t> state;  // 0 free, 1 waiting, 2 notified
+  std::atomic<pid_t> pid;            // the waiter (to reclaim the slots of dead ones)
+  std::uint32_t reserved;
+  std::uint64_t ticket;  // arrival order
+};
+
 struct ConditionState {
   SyncHeader header;
-  std::atomic<std::uint32_t> word;
+  std::uint64_t next_ticket;
+  std::uint64_t seen_recoveries;  // the lock's recoveries() when the slots were last checked
+  std::uint32_t waiting;          // slots in state 1
+  std::uint32_t high_water;       // slots [0, high_water) have been used
+  std::uint32_t capacity;
+  std::uint32_t reserved;
+  // Then ConditionSlot slots[capacity].
 };
 
 struct BarrierState {
@@ -414,11 +429,13 @@ class Event {
 // (every level of an RLock), sleeps until notified, and takes it back. Lockable itself, so
 // std::unique_lock<mp::Condition> works.
 //
-// Python's rules, with these notes: notify(n) wakes at most n of the processes waiting when
-// it is called; a waiter can also return without a notify (spuriously) - rarely, e.g. when
-// a waiter died and left its wake-up behind - so wait in a loop or use wait_for(predicate).
-// A waiter killed while it waits may absorb one notify(); notify_all() and predicates are
-// immune. If the holder of the lock dies, the waiter that takes it back sees owner_died().
+// Python's rules: notify(n) wakes the n processes that have waited longest (at most n, and
+// none that started waiting after the call); wait() returns only when notified or timed out.
+// Still, test the shared state in a loop, or use wait_for(predicate): another process may
+// change it between the notify and the waiter's return. Limits: up to 4096 processes (or
+// threads) wait at once; a waiter killed while it waits may absorb one notify() (its slot
+// is reclaimed when the table fills up). If the holder of the lock dies, the waiter that
+// takes it back sees owner_died(), and the Condition's own bookkeeping is checked again.
 class Condition {
  public:
   Condition();
@@ -494,7 +511,12 @@ class Condition {
  private:
   bool wait_until(const detail::Deadline& deadline);
   bool held_by_me() const noexcept;
-  void set_region(std::shared_ptr<detail::SyncRegion> r) noexcept;
+  std::uint64_t lock_recoveries() const noexcept;
+  // With the lock held: the slots, after a recount if a holder died since the last look.
+  detail::ConditionSlot* slots();
+  void create_region();
+  // Throws SerializationError when the region is too small for its slots.
+  void set_region(std::shared_ptr<detail::SyncRegion> r);
   std::variant<Lock, RLock> lock_;
   std::shared_ptr<detail::SyncRegion> region_;
   detail::ConditionState* state_ = nullptr;
