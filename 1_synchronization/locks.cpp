@@ -35,7 +35,7 @@ volatile int g_think;  // writes the compiler must keep: a moment of thought
 void deposit(std::int64_t& balance) {
   std::atomic_ref<std::int64_t> cell{balance};
   std::int64_t seen = cell.load(std::memory_order_relaxed);
-  for (int k = 0; k < 20; ++k) g_think = k;
+  for (int k = 0; k < 200; ++k) g_think = k;
   cell.store(seen + 1, std::memory_order_relaxed);
 }
 
@@ -85,7 +85,7 @@ int main(int argc, char** argv) {
                    "Processes race on a shared bank balance; an mp::Lock makes every deposit "
                    "count."};
   int& workers = L.add_workers(4, 64);
-  int& items = L.add_items(20'000, 1, 10'000'000);
+  int& items = L.add_items(100'000, 1, 10'000'000);
   L.parse(argc, argv);
 
   return L.run([&] {
