@@ -1,4 +1,4 @@
-// barrier.cpp - An mp::Barrier makes processes meet after each phase; timeouts and abort break it.
+// barrier.cpp - An mp::Barrier makes processes meet after each phase: timeouts and abort break it.
 //
 // Workers compute in phases, and no one may start phase p+1 before everyone has finished
 // phase p: each calls wait() at the end of a phase, and the last to arrive runs the
@@ -71,7 +71,7 @@ int wait_expecting_break(mp::Barrier barrier, double timeout_seconds) {
 
 int main(int argc, char** argv) {
   lesson::Lesson L{MP_LESSON_ID,
-                   "An mp::Barrier makes processes meet after each phase; timeouts and abort "
+                   "An mp::Barrier makes processes meet after each phase: timeouts and abort "
                    "break it."};
   int& workers = L.add_workers(4, 64);
   int& phases = L.add_items(3, 1, kMaxPhases);

@@ -1,4 +1,4 @@
-// locks.cpp - Processes race on a shared bank balance; an mp::Lock makes every deposit count.
+// locks.cpp - Processes race on a shared bank balance, and an mp::Lock makes every deposit count.
 //
 // Each worker makes deposits into one balance in shared memory: read it, add one, write it
 // back. Without a lock two processes read the same balance and one deposit overwrites the
@@ -81,9 +81,9 @@ double run_workers(int workers, F target, Args... args) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  lesson::Lesson L{MP_LESSON_ID,
-                   "Processes race on a shared bank balance; an mp::Lock makes every deposit "
-                   "count."};
+  lesson::Lesson L{
+      MP_LESSON_ID,
+      "Processes race on a shared bank balance, and an mp::Lock makes every deposit count."};
   int& workers = L.add_workers(4, 64);
   int& items = L.add_items(100'000, 1, 10'000'000);
   L.parse(argc, argv);

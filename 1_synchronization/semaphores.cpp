@@ -1,4 +1,4 @@
-// semaphores.cpp - A Semaphore admits K processes at once; BoundedSemaphore catches over-release.
+// semaphores.cpp - A Semaphore admits K processes at once: BoundedSemaphore catches over-release.
 //
 // Ten downloads, but the server allows only K connections: each worker takes a unit of
 // the semaphore before it "downloads" and gives it back after. A shared counter, updated
@@ -65,7 +65,7 @@ void download(int id, mp::Semaphore slots, mp::Value<Room> room, int files, bool
 int main(int argc, char** argv) {
   lesson::Lesson L{
       MP_LESSON_ID,
-      "A Semaphore admits K processes at once; BoundedSemaphore catches over-release."};
+      "A Semaphore admits K processes at once: BoundedSemaphore catches over-release."};
   int& workers = L.add_workers(10, 64);
   int& files = L.add_items(2, 1, 10'000);
   int slots_n = 3;

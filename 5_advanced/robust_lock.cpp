@@ -1,4 +1,4 @@
-// robust_lock.cpp - An mp::Lock holder is SIGKILLed mid-update; the next holder recovers the lock.
+// robust_lock.cpp - An mp::Lock holder is SIGKILLed mid-update: the next holder recovers the lock.
 //
 // Two accounts hold 1000 between them. A transfer, under the lock, writes a journal entry,
 // takes the amount from A, adds it to B, and clears the journal. One process is killed
@@ -79,7 +79,7 @@ void worker(mp::Lock lock, mp::RawValue<Bank> bank, int items) {
 int main(int argc, char** argv) {
   lesson::Lesson L{
       MP_LESSON_ID,
-      "An mp::Lock holder is SIGKILLed mid-update; the next holder recovers the lock."};
+      "An mp::Lock holder is SIGKILLed mid-update: the next holder recovers the lock."};
   int& workers = L.add_workers(3, 64);
   int& items = L.add_items(200, 1, 1'000'000);
   L.parse(argc, argv);
