@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <cereal/types/string.hpp>
 #include <chrono>
@@ -421,6 +422,25 @@ TEST_CASE("priority queue: its block store is reused without loss", "[queue]") {
     }
   }
   CHECK(q.qsize() == inside.size());
+}
+
+TEST_CASE("queue: threads of one process may share a queue", "[queue]") {
+  mp::Queue<int> q(8);
+  std::vector<std::thread> threads;
+  std::atomic<long> sum{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&q, t] {
+      for (int i = 0; i < 2000; ++i) q.put(t * 2000 + i);
+    });
+  }
+  for (int t = 0; t < 2; ++t) {
+    threads.emplace_back([&q, &sum] {
+      for (int i = 0; i < 4000; ++i) sum += q.get();
+    });
+  }
+  for (auto& th : threads) th.join();
+  CHECK(sum == 8000L * 7999 / 2);
+  CHECK(q.empty());
 }
 
 // ---- across processes --------------------------------------------------------------------

@@ -36,14 +36,17 @@
 // Crashes. A producer or consumer killed at any moment (SIGKILL included) leaves the queue
 // working for the others: each side has a robust process-shared lock, a put publishes its
 // message with a single store once it is completely written, and a get retires a message
-// only once it is completely copied out. A process that dies during put() leaves the queue
-// as if the put never started; one that dies during get() leaves the message for the next
-// consumer (it is delivered again, once). What a dead process cannot do is finish its own
-// work: a task it took is never task_done(), so JoinableQueue::join() would wait for it;
-// use join(timeout) where workers may die.
+// only once it is completely copied out. A process that dies inside put() leaves either
+// its whole message in the queue or nothing of it; one that dies inside get() before the
+// message was retired leaves it to the next consumer, which receives it whole (the dead
+// process's get() never returned it: no message is handed to a program twice).
+// The next process to take the lock repairs the counts; sleepers look every 100 ms, so a
+// death never wedges them. What a dead process cannot do is finish its own work: a task it
+// took is never task_done(), so JoinableQueue::join() would wait for it; use
+// join(timeout) where workers may die.
 //
-// Blocking calls spin briefly and then sleep on a futex; an uncontended put or get makes
-// no system call.
+// Blocking calls spin for about 10 us, then sleep on a futex; an uncontended put or get
+// makes no system call, and a put wakes sleeping consumers with one system call at most.
 #pragma once
 
 #include <algorithm>
@@ -142,8 +145,8 @@ std::uint64_t type_tag() {
 // bytes anyway.
 template <class T>
 struct IsBytesCopyable
-    : std::bool_constant<TriviallySerializable<T> || std::is_arithmetic_v<T> ||
-                         std::is_enum_v<T>> {};
+    : std::bool_constant<TriviallySerializable<T> || std::is_arithmetic_v<T> || std::is_enum_v<T>> {
+};
 template <class U, std::size_t N>
 struct IsBytesCopyable<std::array<U, N>> : IsBytesCopyable<U> {};
 template <class T>
