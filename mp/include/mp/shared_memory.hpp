@@ -72,10 +72,10 @@
 namespace mp {
 
 namespace detail {
-// What may live in shared memory: bytes that mean the same in every process.
+// What may live in shared memory: bytes that mean the same in every process. A class that
+// says how cereal should serialize it (a handle holding a descriptor) is not such a thing.
 template <class T>
-concept SharedPlain = std::is_trivially_copyable_v<T> && !std::is_pointer_v<T> &&
-                      !std::is_member_pointer_v<T> && !std::is_reference_v<T>;
+concept SharedPlain = TriviallySerializable<T>;
 }  // namespace detail
 
 class SharedMemory {
