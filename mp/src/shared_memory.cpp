@@ -15,6 +15,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -383,7 +384,25 @@ class Tracker {
   std::set<std::string> names_;
 };
 
-// A unique generated name: "/mp-<pid>-<16 hex digits>".
+// The MP_SHM_TAG environment variable, checked: letters, digits, '_' and '.', at most 64.
+std::string shm_tag() {
+  const char* tag = std::getenv("MP_SHM_TAG");
+  if (!tag || !*tag) return {};
+  std::string_view t(tag);
+  bool ok = t.size() <= 64 && std::all_of(t.begin(), t.end(), [](char c) {
+              return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                     c == '_' || c == '.';
+            });
+  if (!ok) {
+    throw std::invalid_argument(fmt::format(
+        "cannot name shared memory with MP_SHM_TAG='{}': use at most 64 letters, digits, '_' "
+        "or '.'",
+        t));
+  }
+  return std::string(t) + "-";
+}
+
+// A unique generated name: "/mp-[<tag>-]<pid>-<16 hex digits>".
 std::string generate_name() {
   std::uint64_t r = 0;
   if (::getrandom(&r, sizeof r, GRND_NONBLOCK) != static_cast<ssize_t>(sizeof r)) {
@@ -392,7 +411,7 @@ std::string generate_name() {
         static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) +
         counter.fetch_add(1);
   }
-  return fmt::format("/mp-{}-{:016x}", ::getpid(), r);
+  return fmt::format("/mp-{}{}-{:016x}", shm_tag(), ::getpid(), r);
 }
 
 // "/x" for "x"; names keep their slash otherwise.

@@ -7,7 +7,10 @@
 //
 // ---- Names --------------------------------------------------------------------------------
 // A segment is a file in /dev/shm. Every name the library creates starts with "/mp-", so a
-// leak is easy to find (ls /dev/shm/mp-*). create() without a name generates a unique one;
+// leak is easy to find (ls /dev/shm/mp-*). create() without a name generates a unique one,
+// "/mp-<pid>-<random>", or "/mp-<tag>-<pid>-<random>" when the environment variable
+// MP_SHM_TAG is set (letters, digits, '_', '.'): children inherit the environment, so a test
+// harness or a supervisor that sets a tag finds exactly its own process tree's segments;
 // a name given to create() must start with "/mp-" (or "mp-"; the slash is added) and is
 // otherwise rejected with std::invalid_argument: silently renaming would break the other
 // program that looks the segment up by the name it was told. attach() accepts any name.
