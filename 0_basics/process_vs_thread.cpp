@@ -156,7 +156,7 @@ int main(int argc, char** argv) {
       table.push_back({{"workers", w}, {"threads_s", threads_s}, {"processes_s", processes_s}});
     }
     L.say("every variant found {} primes: {}", expected, correct);
-    L.say("no global interpreter lock: threads scale as processes do, up to the core count");
+    L.say("no global interpreter lock: threads can scale as processes do, up to the idle cores");
 
     // Step 3: isolation. A forked child writes the global in its own copy of memory; a
     // thread writes the one the parent reads.
