@@ -161,3 +161,22 @@ TEST_CASE(
   CHECK(bad.exit_code == 1);
   CHECK_THAT(bad.err, Catch::StartsWith("error: "));
 }
+
+TEST_CASE("2_communication/manager_dict_list: update_with and append are exact, the wrong key "
+          "is refused, the socket is removed",
+          "[lessons][2_communication]") {
+  auto r = testing::run_lesson_json("2_communication/manager_dict_list",
+                                    {"--workers", "3", "--items", "200"});
+  CHECK(r["expected"] == 600);
+  CHECK(r["signed_in"] == 3);
+  CHECK(r["atomic_count"] == 600);
+  CHECK(r["list_size"] == 600);
+  // The racy counter is only reported (the race decides); it can never exceed the total.
+  CHECK(r["racy_count"].get<long>() <= 600);
+  CHECK(r["lost_updates"].get<long>() == 600 - r["racy_count"].get<long>());
+  CHECK(r["remote_right_key_exitcode"] == 0);
+  CHECK(r["remote_replied"] == true);
+  CHECK(r["remote_wrong_key_refused"] == true);
+  CHECK(r["served_after_wrong_key"] == true);
+  CHECK(r["socket_removed"] == true);
+}
