@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "ipc_mp.hpp"
+#include "ipc_pool.hpp"
 #include "ipc_raw.hpp"
 #include "lesson.hpp"
 
@@ -50,6 +51,12 @@ std::vector<Workload> all_workloads() {
   auto shm_raw = [](long mib) { return raw::shm_fill(static_cast<std::size_t>(mib) << 20); };
   // clang-format off
   return {
+    {"pool_map_chunk1", "us", "Pool(2).map(identity, 0..N, chunksize=1), per task; raw: a message per task over pipes",
+     {200'000, 2'000}, with_pool::map_chunk1, raw_pool::pipe_tasks},
+    {"pool_map_auto", "us", "the same map, Python's default chunksize; raw: the same chunks over pipes",
+     {2'000'000, 20'000}, with_pool::map_auto, raw_pool::pipe_chunks},
+    {"apply_async", "us", "N x Pool(2).apply_async(identity, i), then get() each; raw: as pool_map_chunk1",
+     {100'000, 2'000}, with_pool::apply_async, raw_pool::pipe_tasks},
     {"queue_small", "msgs/s", "64-byte messages, 1 producer -> 1 consumer process; raw: SPSC ring",
      {2'000'000, 50'000}, with_mp::queue_small, raw::spsc_small},
     {"queue_1mib", "MB/s", "1 MiB messages, 1 producer -> 1 consumer process; raw: memcpy",

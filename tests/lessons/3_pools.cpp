@@ -129,3 +129,21 @@ TEST_CASE(
   CHECK(r["error_type"] == "std::domain_error");
   CHECK(r["get_raised_same_error"] == true);
 }
+
+TEST_CASE("6_performance/ipc_benchmark reports the pool workloads, each beside its raw floor",
+          "[lessons][3_pools]") {
+  auto r = testing::run_lesson_json(
+      "6_performance/ipc_benchmark",
+      {"--quick", "--filter", "^(pool_map_chunk1|pool_map_auto|apply_async)$"});
+  const auto& w = r["workloads"];
+  CHECK(w.size() == 3);
+  for (const char* id : {"pool_map_chunk1", "pool_map_auto", "apply_async"}) {
+    INFO(id);
+    REQUIRE(w.contains(id));
+    CHECK(w[id]["unit"] == "us");
+    double value = w[id]["value"], raw = w[id]["raw_value"];
+    CHECK(value > 0);
+    CHECK(raw > 0);
+    CHECK(w[id]["ratio_to_raw"] == Approx(value / raw));
+  }
+}

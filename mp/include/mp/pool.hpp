@@ -267,6 +267,17 @@ void append_item(JobBase& job, const Ts&... values) {
   ++job.items;
 }
 
+// Room for the items of a sized range, so that the argument bytes are not regrown.
+template <class V, class Items>
+void reserve_items(JobBase& job, const Items& items) {
+  if constexpr (std::ranges::sized_range<Items>) {
+    auto n = static_cast<std::size_t>(std::ranges::size(items));
+    job.item_offset.reserve(n + 1);
+    if constexpr (std::is_trivially_copyable_v<V>)
+      job.args.reserve(n * (sizeof(std::uint32_t) + sizeof(V)));
+  }
+}
+
 // A job with one final value of type T (T = R for apply, std::vector<R> for map).
 template <class T>
 class ResultJob : public JobBase {
@@ -654,6 +665,7 @@ class Pool {
     static_assert(!std::is_void_v<R>, "map needs a function that returns a value");
     auto job = std::make_shared<detail::MapJob<R>>();
     job->kind = "map";
+    detail::reserve_items<V>(*job, items);
     for (const auto& item : items) detail::append_item(*job, static_cast<const V&>(item));
     job->prepare();
     job->callback = std::move(callback);
@@ -699,6 +711,7 @@ class Pool {
     static_assert(!std::is_void_v<R>, "starmap needs a function that returns a value");
     auto job = std::make_shared<detail::MapJob<R>>();
     job->kind = "starmap";
+    detail::reserve_items<V>(*job, items);
     for (const auto& item : items) {
       std::apply([&](const auto&... a) { detail::append_item(*job, a...); }, item);
     }
@@ -751,6 +764,7 @@ class Pool {
     static_assert(!std::is_void_v<R>, "imap needs a function that returns a value");
     auto job = std::make_shared<detail::IMapJob<R>>(ordered);
     job->kind = ordered ? "imap" : "imap_unordered";
+    detail::reserve_items<V>(*job, items);
     for (const auto& item : items) detail::append_item(*job, static_cast<const V&>(item));
     job->prepare();
     submit(*job, f, &detail::task_trampoline<Fn, R, V>, chunksize ? chunksize : 1);
