@@ -333,6 +333,9 @@ TEST_CASE("values larger than the shared block travel on the socket", "[manager]
   CHECK(items[0].second == big);
   d.set(2, "small again");
   CHECK(d.get(2) == "small again");
+  // Over the server's limit: refused before anything is sent, and the proxy goes on.
+  CHECK_THROWS_AS(d.set(3, std::string(mp::detail::kMaxManagerMessage, 'z')), std::length_error);
+  CHECK(d.size() == 2);
 }
 
 TEST_CASE("proxies survive serialization, as in a message", "[manager]") {

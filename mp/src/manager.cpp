@@ -27,6 +27,7 @@
 #include <csignal>
 #include <cstdlib>
 #include <deque>
+#include <limits>
 #include <list>
 #include <mutex>
 #include <shared_mutex>
@@ -1028,6 +1029,10 @@ bool handle_request(ServerState& st, const Peer& peer, std::string_view request,
     } else {
       throw ProtocolError(fmt::format("malformed manager request: operation {}", code));
     }
+    if (a.size() > std::numeric_limits<std::uint32_t>::max() - 16) {
+      throw std::length_error(
+          fmt::format("cannot answer with {} bytes: a frame holds at most 4 GiB", a.size()));
+    }
   } catch (const ProtocolError&) {
     throw;
   } catch (const PeerGone&) {
@@ -1196,7 +1201,13 @@ int run_manager_server(ServerConfig cfg) {
     if (p[1].revents || p[2].revents) break;  // the owner died, or asked us to stop
     if (!(p[0].revents & POLLIN)) continue;
     int fd = ::accept4(cfg.listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd == -1) continue;  // the client gave up, or a transient error
+    if (fd == -1) {
+      // Out of descriptors: the client waits in the backlog; don't spin on it meanwhile.
+      if (errno == EMFILE || errno == ENFILE || errno == ENOMEM || errno == ENOBUFS) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+      continue;  // otherwise the client gave up, or a transient error
+    }
     UniqueFd conn(fd);
     if (ctx->connections.load() >= kMaxConnections) continue;
     ctx->connections.fetch_add(1);
@@ -1263,6 +1274,11 @@ class ClientConn {
 
   // Sends out_, receives into in_. Marks the connection broken on any failure.
   void roundtrip() {
+    if (out_.size() > kMaxManagerMessage) {
+      throw std::length_error(fmt::format(
+          "cannot send a request of {} bytes to the manager: over its limit of {} bytes",
+          out_.size(), kMaxManagerMessage));
+    }
     broken_ = true;
     if (!ch_) {
       send_frame_or_gone(out_);
@@ -1317,7 +1333,7 @@ class ClientConn {
   UniqueFd fd_;
   Region region_;
   ChannelHeader* ch_ = nullptr;
-  FrameReader reader_;
+  FrameReader reader_{std::numeric_limits<std::uint32_t>::max()};  // answers: any frame
   std::string out_, in_, scratch_;
   int spin_ = kMaxSpin;
   bool broken_ = false;
