@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "ipc_manager.hpp"
 #include "ipc_mp.hpp"
 #include "ipc_pool.hpp"
 #include "ipc_raw.hpp"
@@ -69,6 +70,8 @@ std::vector<Workload> all_workloads() {
      {10'000, 500}, with_mp::pipe_rtt, raw::pipe_rtt},
     {"value_locked_inc", "ns", "2 processes x N increments of a Value<int64_t> under get_lock()",
      {1'000'000, 20'000}, with_mp::value_locked_inc, raw::locked_inc},
+    {"manager_dict_set", "us", "N x d.set(i % 64, i) through a Manager dict proxy; raw: a socket round trip to a hand-written server",
+     {100'000, 2'000}, with_manager::dict_set, raw_manager::socket_dict_set},
     {"shm_fill", "MB/s", "create a 256 MiB SharedMemory and write it; raw: shared anonymous mmap",
      {256, 16}, with_mp::shm_fill, shm_raw},
   };

@@ -31,3 +31,18 @@ TEST_CASE("6_performance/ipc_benchmark: --filter runs only the matching workload
   CHECK(r["workloads"].size() == 1);
   CHECK(r["workloads"].contains("queue_small"));
 }
+
+TEST_CASE("6_performance/ipc_benchmark: manager_dict_set beside a raw socket round trip",
+          "[lessons][6_performance]") {
+  auto r = testing::run_lesson_json("6_performance/ipc_benchmark",
+                                    {"--quick", "--filter", "^manager_dict_set$"});
+  const auto& w = r["workloads"];
+  REQUIRE(w.size() == 1);
+  REQUIRE(w.contains("manager_dict_set"));
+  const auto& m = w["manager_dict_set"];
+  CHECK(m["unit"] == "us");
+  double value = m["value"], raw = m["raw_value"], ratio = m["ratio_to_raw"];
+  CHECK(value > 0);
+  CHECK(raw > 0);
+  CHECK(ratio == Approx(value / raw));
+}
