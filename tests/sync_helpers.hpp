@@ -2,16 +2,22 @@
 // start method can pass to a child, polling with a hang guard, and the start methods.
 #pragma once
 
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <memory>
 #include <mp/context.hpp>
 #include <mp/detail/region.hpp>
+#include <mp/process.hpp>
 #include <mp/serialize.hpp>
 #include <new>
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <vector>
+
+#include "shm.hpp"
 
 namespace synctest {
 
@@ -65,6 +71,49 @@ bool eventually(Pred done, std::chrono::seconds guard = 60s) {
 inline int sleep_until_killed() {
   std::this_thread::sleep_for(120s);
   return 99;
+}
+
+// What `shm` reports as new in /dev/shm that this process or the given children could have
+// made: every /mp-* name carries its creator's pid ("mp-<pid>-...", "mp-test-<pid>-...").
+// Other test programs running at the same time create and remove their own names too, and
+// those must not fail this test. (The sync objects themselves never make a name: they are
+// memfds. This checks that nothing the test touched did.)
+inline std::vector<std::string> leaked_by_us(const testing::ShmGuard& shm,
+                                             std::vector<pid_t> pids = {}) {
+  pids.push_back(::getpid());
+  std::vector<std::string> ours;
+  for (const auto& name : shm.leaked()) {
+    for (pid_t p : pids) {
+      std::string tag = std::to_string(p) + "-";
+      if (name.starts_with("mp-" + tag) || name.starts_with("mp-test-" + tag)) {
+        ours.push_back(name);
+        break;
+      }
+    }
+  }
+  return ours;
+}
+
+inline void add_pids(std::vector<pid_t>&) {}
+template <class... Rest>
+void add_pids(std::vector<pid_t>& out, const mp::Process& p, const Rest&... rest);
+template <class... Rest>
+void add_pids(std::vector<pid_t>& out, const std::vector<mp::Process>& ps, const Rest&... rest) {
+  for (const auto& p : ps) out.push_back(p.pid());
+  add_pids(out, rest...);
+}
+template <class... Rest>
+void add_pids(std::vector<pid_t>& out, const mp::Process& p, const Rest&... rest) {
+  out.push_back(p.pid());
+  add_pids(out, rest...);
+}
+
+// The pids of processes and vectors of processes, for leaked_by_us().
+template <class... Ps>
+std::vector<pid_t> pids_of(const Ps&... ps) {
+  std::vector<pid_t> out;
+  add_pids(out, ps...);
+  return out;
 }
 
 // The start method of this run of the test case: every one the build supports.

@@ -221,7 +221,7 @@ TEST_CASE("lock: mutual exclusion between processes gives an exact count", "[loc
   CHECK(counter->value == std::int64_t{kWorkers} * kEach);
   CHECK_FALSE(lock.locked());
   CHECK(lock.recoveries() == 0);
-  CHECK(shm.leaked().empty());
+  CHECK(synctest::leaked_by_us(shm, synctest::pids_of(workers)).empty());
 }
 
 TEST_CASE("lock: a timed acquire gives up while another process holds it", "[lock]") {
@@ -248,7 +248,7 @@ TEST_CASE("lock: a timed acquire gives up while another process holds it", "[loc
   lock.release();
   REQUIRE(holder.join(60s));
   CHECK(holder.exitcode() == 0);
-  CHECK(shm.leaked().empty());
+  CHECK(synctest::leaked_by_us(shm, synctest::pids_of(holder)).empty());
 }
 
 TEST_CASE("lock: a process that does not hold it cannot release it", "[lock]") {
@@ -284,7 +284,7 @@ TEST_CASE("lock: a waiter gets the lock when the holder is killed, and is told",
   CHECK(lock.acquire(60s));
   CHECK_FALSE(lock.owner_died());
   lock.release();
-  CHECK(shm.leaked().empty());
+  CHECK(synctest::leaked_by_us(shm, synctest::pids_of(holder, waiter)).empty());
 }
 
 TEST_CASE("lock: a later acquirer recovers the lock of a holder that died", "[lock]") {
@@ -311,6 +311,7 @@ TEST_CASE("lock: a holder SIGKILLed at a random point: no hang, data repaired", 
   testing::ShmGuard shm;
   auto ctx = synctest::any_context();
   std::mt19937 rng(std::random_device{}());
+  std::vector<pid_t> all_pids;
   for (int round = 0; round < 4; ++round) {
     mp::Lock lock;
     Shared<Bank> bank;
@@ -318,6 +319,7 @@ TEST_CASE("lock: a holder SIGKILLed at a random point: no hang, data repaired", 
     std::vector<mp::Process> workers;
     for (int i = 0; i < 3; ++i) workers.emplace_back(ctx, transfer_forever, lock, bank);
     for (auto& w : workers) w.start();
+    for (auto& w : workers) all_pids.push_back(w.pid());
     REQUIRE(synctest::eventually([&] { return bank->transfers.load() > 100; }));
     std::this_thread::sleep_for(std::chrono::microseconds(rng() % 20'000));
     workers[0].kill();
@@ -345,5 +347,5 @@ TEST_CASE("lock: a holder SIGKILLed at a random point: no hang, data repaired", 
     CHECK(bank->a + bank->b == kTotal);
     lock.release();
   }
-  CHECK(shm.leaked().empty());
+  CHECK(synctest::leaked_by_us(shm, all_pids).empty());
 }
