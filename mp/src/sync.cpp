@@ -25,24 +25,33 @@ namespace {
 
 constexpr std::uint32_t kMagic = 0x6d707379;  // "mpsy"
 
-// How long a blocked caller polls before it sleeps: short against the 20-80 us a sleeping
-// wake-up costs here, long enough to catch a peer running on another CPU that is about to
-// let go. Bounded in time rather than in iterations (kSpinCount): a pause instruction takes
-// 1 to 40 ns depending on the CPU, and on a busy machine the peer may need our CPU.
-constexpr auto kSpinBudget = std::chrono::microseconds(5);
+// How long a blocked caller polls before it sleeps. Polling pays when the peer runs on
+// another CPU and is about to let go (a hand-off then takes ~100 ns instead of a 5-80 us
+// sleep and wake-up), and costs when the peer is waiting for *our* CPU (a busy machine):
+// every microsecond spent polling is one it cannot run. So the budget adapts, per thread:
+// it doubles (up to the maximum) when polling succeeded and halves (down to the minimum)
+// when the caller had to sleep anyway. Bounded in time rather than in iterations
+// (kSpinCount): a pause instruction takes 1 to 40 ns depending on the CPU.
+constexpr std::int64_t kSpinMaxNs = 5000;
+constexpr std::int64_t kSpinMinNs = 250;
+thread_local std::int64_t t_spin_ns = kSpinMaxNs;
 
 }  // namespace
 
 // Polls ready() with cpu_relax() in between until it returns true (then true), or until
-// the spin budget or kSpinCount polls are spent (then false).
+// this thread's spin budget or kSpinCount polls are spent (then false).
 template <class Ready>
 bool spin(Ready ready) {
-  auto end = std::chrono::steady_clock::now() + kSpinBudget;
+  auto end = std::chrono::steady_clock::now() + std::chrono::nanoseconds(t_spin_ns);
   for (int i = 1; i <= kSpinCount; ++i) {
     cpu_relax();
-    if (ready()) return true;
-    if ((i & 31) == 0 && std::chrono::steady_clock::now() >= end) return false;
+    if (ready()) {
+      t_spin_ns = std::min(kSpinMaxNs, t_spin_ns * 2);
+      return true;
+    }
+    if ((i & 7) == 0 && std::chrono::steady_clock::now() >= end) break;
   }
+  t_spin_ns = std::max(kSpinMinNs, t_spin_ns / 2);
   return false;
 }
 

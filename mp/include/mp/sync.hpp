@@ -30,9 +30,11 @@
 // timeout. A Barrier breaks (BrokenBarrierError) when a party that has arrived dies.
 //
 // Speed. Acquiring a free lock and releasing it costs no system call (an atomic exchange on
-// a word in shared memory, ~15 ns); a blocked caller polls for up to 5 us before it sleeps
-// on a futex, in slices of at most 100 ms (so that a wake-up lost to a process killed at
-// the wrong moment costs one slice, not a hang). 6_performance/sync_bench measures it.
+// a word in shared memory, ~15 ns); a blocked caller polls briefly before it sleeps on a
+// futex - 0.25 to 5 us, adapted per thread: longer while polling pays off (the peer runs on
+// another CPU), shorter when it does not (the peer needs our CPU) - and sleeps in slices
+// of at most 100 ms, so that a wake-up lost to a process killed at the wrong moment costs
+// one slice, not a hang. 6_performance/sync_bench measures it.
 //
 // Every object here also works between threads of one process.
 #pragma once
