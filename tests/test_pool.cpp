@@ -5,6 +5,7 @@
 // Workers reach shared counters (a "board" in shared memory) through the pool's
 // initializer, whose arguments may carry descriptors. Timeouts are hang guards only.
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -16,6 +17,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <mp/detail/child.hpp>
 #include <mp/detail/region.hpp>
 #include <mp/pool.hpp>
 #include <mp/process.hpp>
@@ -171,6 +173,15 @@ int crash_at_7(int i, int how) {
 // Waits at the board's gate (signals the pool counted as blocked), then answers i.
 int gated(int i) {
   if (i != 0) {
+    g_board.at(kBlocked).fetch_add(1);
+    while (g_board.at(kGate).load() == 0) std::this_thread::sleep_for(1ms);
+  }
+  return i;
+}
+
+// Item 5 waits at the gate; the others answer at once.
+int gated_at_5(int i) {
+  if (i == 5) {
     g_board.at(kBlocked).fetch_add(1);
     while (g_board.at(kGate).load() == 0) std::this_thread::sleep_for(1ms);
   }
@@ -487,7 +498,9 @@ TEST_CASE(
 
 TEST_CASE("pool: maxtasksperchild = 1 over 1,000 tasks: a fresh worker for each", "[pool]") {
   testing::ShmGuard guard;
-  mp::Pool pool{2, {}, 1};
+  // A thousand workers: forked from the small forkserver, each costs a fraction of a fork
+  // of this (large, sanitized) test process. The bookkeeping is the same for every method.
+  mp::Pool pool{2, {}, 1, mp::get_context("forkserver")};
   auto facts = pool.map(worker_facts, iota_vector<int>(1000), 1);
   REQUIRE(facts.size() == 1000);
   int fresh = 0;
@@ -579,6 +592,21 @@ TEST_CASE("pool: imap hands out results as they arrive, before the rest are done
   expect_clean(guard);
 }
 
+TEST_CASE("pool: results reach the caller even while the worker's next task runs for ever",
+          "[pool]") {
+  testing::ShmGuard guard;
+  Board board = Board::create();
+  mp::Pool pool{1, {init_board, board}};
+  pool.map(square, iota_vector<int>(2000), 1);  // tiny tasks: the worker gets a deep inbox
+  // Items 0-4 are done before item 5 blocks, with many items queued behind it; the gate
+  // opens only once 0-4 have been handed out here.
+  auto it = pool.imap(gated_at_5, iota_vector<int>(200));
+  for (int i = 0; i < 5; ++i) CHECK(it.next(60s) == i);
+  board.at(kGate).store(1);
+  for (int i = 5; i < 200; ++i) CHECK(it.next(60s) == i);
+  expect_clean(guard);
+}
+
 TEST_CASE("pool: terminate during work never hangs and cancels what is unfinished", "[pool]") {
   testing::ShmGuard guard;
   auto method = any_method();
@@ -665,6 +693,7 @@ int pool_owner(Board board, std::string method) {
   for (std::size_t k = 0; k < pids.size(); ++k) {
     board.at(kPids + k).store(static_cast<std::uint32_t>(pids[k]));
   }
+  board.at(kPids + 2).store(static_cast<std::uint32_t>(mp::detail::forkserver_pid()));
   board.at(kInits).store(static_cast<std::uint32_t>(pids.size()));
   for (;;) ::pause();
 }
@@ -675,15 +704,27 @@ TEST_CASE("pool: when the pool's process dies, its workers die too", "[pool]") {
   auto method = any_method();
   INFO("start method " << method);
   Board board = Board::create();
+  // The orphans (the workers, and the owner's forkserver) come to this process instead of
+  // init, so that the test can reap them and leave no zombie anywhere.
+  REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0);
   mp::Process owner{mp::get_context("fork"), pool_owner, board, method};
   owner.start();
   wait_for([&] { return board.at(kInits).load() == 2; });
   std::vector<pid_t> pids{static_cast<pid_t>(board.at(kPids).load()),
                           static_cast<pid_t>(board.at(kPids + 1).load())};
+  auto server = static_cast<pid_t>(board.at(kPids + 2).load());
   for (pid_t p : pids) CHECK_FALSE(process_gone(p));
   owner.kill();
   owner.join();
-  wait_for([&] { return process_gone(pids[0]) && process_gone(pids[1]); });
+  auto reap = [](pid_t p) {
+    if (p > 0) ::waitpid(p, nullptr, WNOHANG);
+  };
+  wait_for([&] {
+    for (pid_t p : pids) reap(p);
+    reap(server);
+    return process_gone(pids[0]) && process_gone(pids[1]) && (server == 0 || process_gone(server));
+  });
+  REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 0) == 0);
   expect_clean(guard);
 }
 

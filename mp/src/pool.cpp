@@ -116,6 +116,10 @@ constexpr std::size_t kMaxDepth = 64;
 // While busy, the service thread looks for dead workers this often (when idle, it sleeps
 // in poll() on their pidfds and learns at once).
 constexpr auto kDeathCheck = std::chrono::milliseconds(2);
+// A worker with more tasks queued does not wake the service thread for each result (see
+// Worker::ring_parent); if its next task is long, a finished result would wait for it. So
+// while tasks are in flight the service thread sleeps at most this long.
+constexpr int kInFlightPollMs = 5;
 // terminate(): SIGTERM, then SIGKILL for workers still alive after this.
 constexpr auto kTerminateGrace = std::chrono::milliseconds(300);
 
@@ -1241,11 +1245,12 @@ class PoolEngine {
     for (const auto& w : workers_) {
       if (w) fds.push_back(pollfd{w->proc.sentinel(), POLLIN, 0});
     }
-    int timeout = -1;
+    int timeout = open_chunks_ > 0 ? kInFlightPollMs : -1;
     auto now = std::chrono::steady_clock::now();
     if (retry_at_ > now) {
-      timeout =
+      int retry =
           static_cast<int>(std::chrono::ceil<std::chrono::milliseconds>(retry_at_ - now).count());
+      timeout = timeout < 0 ? retry : std::min(timeout, retry);
     }
     int r = ::poll(fds.data(), fds.size(), timeout);
     parked.store(0, std::memory_order_relaxed);
