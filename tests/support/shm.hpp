@@ -1,14 +1,18 @@
 // tests/support/shm.hpp - shared-memory hygiene for tests.
 //
-//   testing::ShmGuard guard;              // remembers what /dev/shm held
+//   testing::ShmGuard guard;              // names made from here on carry this guard's tag
 //   auto name = guard.unique_name();      // "/mp-test-<pid>-<n>", never used before
 //   ...
-//   CHECK(guard.leaked().empty());        // nothing new named /mp-* is left
+//   CHECK(guard.leaked().empty());        // nothing of ours named /mp-* is left
 //
-// The destructor removes anything the test leaked, so one failing test does not make the
-// next ones fail too.
+// Tests run in parallel (ctest -j), so a guard must only ever see its own names. It sets
+// MP_SHM_TAG, which mp puts into every name it generates (/mp-<tag>-...) and which child
+// processes and lesson binaries inherit; leaked() and the clean-up look at names with
+// that tag and at unique_name()'s, never at other tests' live segments. The destructor
+// removes what the test leaked, so one failing test does not make the next ones fail too.
 #pragma once
 
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -23,11 +27,13 @@ class ShmGuard {
   ShmGuard& operator=(const ShmGuard&) = delete;
 
   std::string unique_name();
-  // Entries "mp-*" in /dev/shm that were not there when the guard was made.
+  // Entries of this guard ("mp-<tag>-*", "mp-test-<pid>-*") now in /dev/shm.
   std::vector<std::string> leaked() const;
 
  private:
-  std::set<std::string> before_;
+  bool ours(const std::string& entry) const;
+  std::string tag_;
+  std::optional<std::string> previous_tag_;
   int counter_ = 0;
 };
 
