@@ -7,6 +7,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -21,6 +23,8 @@
 
 namespace mp {
 namespace detail {
+
+void reset_default_method_lock() noexcept;  // below, with the default start method
 
 // How long a terminated child gets to exit before it is killed, when mp cleans up.
 constexpr int kTerminateGraceMs = 1000;
@@ -173,8 +177,16 @@ void enter_child(const LaunchSpec& spec, const ProcessInfo& parent, pid_t reaper
   // The registry describes the parent's children; this process starts with none. The
   // mutex is not touched: another thread of the parent may have held it at fork time.
   Registry& reg = registry();
-  new (&reg.children) std::vector<std::shared_ptr<ChildState>>();  // forget, don't destroy
+  // The parent's children are not ours: close our copies of their descriptors (the forking
+  // thread holds the registry lock, so the vector is consistent), then forget the entries
+  // without destroying them.
+  for (auto& c : reg.children) {
+    ::close(c->pidfd.release());
+    if (c->status_fd) ::close(c->status_fd.release());
+  }
+  new (&reg.children) std::vector<std::shared_ptr<ChildState>>();
   new (&reg.mutex) std::mutex();
+  reset_default_method_lock();
   reg.parent = parent;
   reg.identity = spec.identity;
   reg.counter = 0;
@@ -198,13 +210,19 @@ void enter_child(const LaunchSpec& spec, const ProcessInfo& parent, pid_t reaper
   try {
     status = spec.body();
   } catch (const std::exception& e) {
-    fmt::print(stderr, "Process {} (pid {}) ended with an exception: {}: {}\n", spec.name,
-               ::getpid(), exception_type_name(), e.what());
     status = 1;
+    try {  // stderr may be closed: reporting must not throw out of this noexcept function
+      fmt::print(stderr, "Process {} (pid {}) ended with an exception: {}: {}\n", spec.name,
+                 ::getpid(), exception_type_name(), e.what());
+    } catch (...) {
+    }
   } catch (...) {
-    fmt::print(stderr, "Process {} (pid {}) ended with an exception of type {}\n", spec.name,
-               ::getpid(), exception_type_name());
     status = 1;
+    try {
+      fmt::print(stderr, "Process {} (pid {}) ended with an exception of type {}\n", spec.name,
+                 ::getpid(), exception_type_name());
+    } catch (...) {
+    }
   }
   // Children this child started and left running are handled as at a normal exit
   // (daemons terminated, the others joined). Then flush what the target printed and leave
@@ -254,6 +272,11 @@ namespace {
 std::mutex g_default_mutex;
 detail::StartMethod* g_default_method = nullptr;
 }  // namespace
+
+namespace detail {
+// In a new child: another thread of the parent may have held the lock at fork time.
+void reset_default_method_lock() noexcept { new (&g_default_mutex) std::mutex(); }
+}  // namespace detail
 
 Context get_context(std::string_view method) {
   if (method.empty()) {
@@ -360,6 +383,7 @@ void Process::start() {
   // while a fork copies it.
   std::lock_guard lock(reg.mutex);
   detail::prune_locked(reg);  // reap children that ended since the last start, as Python does
+  reg.children.reserve(reg.children.size() + 1);  // push_back below must not throw
   detail::Launched child = context_.method().launch(spec_);
   state->pid = child.pid;
   state->pidfd.reset(child.pidfd);
@@ -375,11 +399,17 @@ void Process::join() {
 
 bool Process::join(Seconds timeout) {
   if (!state_) throw ProcessError(fmt::format("cannot join process '{}': not started", spec_.name));
-  if (state_->exitcode) return true;
-  auto ms = std::chrono::ceil<std::chrono::milliseconds>(std::max(timeout, Seconds{0}));
-  if (!state_->wait_readable(static_cast<int>(std::min<long long>(ms.count(), INT32_MAX)))) {
-    return false;
+  if (std::isnan(timeout.count())) {
+    throw std::invalid_argument(fmt::format("cannot join process '{}': the timeout is NaN", spec_.name));
   }
+  if (state_->exitcode) return true;
+  // Clamp as a double first: a huge timeout (Seconds::max()) would overflow milliseconds.
+  double ms = std::clamp(std::ceil(timeout.count() * 1000.0), 0.0, double{INT32_MAX});
+  if (ms >= INT32_MAX) {  // ~24 days or more: wait for good
+    state_->reap(true);
+    return true;
+  }
+  if (!state_->wait_readable(static_cast<int>(ms))) return false;
   return state_->reap(true);
 }
 
