@@ -16,8 +16,10 @@ function(mp_add_lesson chapter name)
   target_link_libraries(${target} PRIVATE mp::mp mp::lesson mp_build_options ${L_LIBS})
   target_compile_definitions(${target} PRIVATE MP_LESSON_ID="${chapter}/${name}")
 
-  file(STRINGS "${source}" header LIMIT_COUNT 1 REGEX "^// ${name}\\.cpp - ")
-  if(NOT header)
+  # The summary is read at configure time: editing the file must re-run the configure.
+  set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${source}")
+  file(STRINGS "${source}" header LIMIT_COUNT 1)
+  if(NOT header MATCHES "^// ${name}\\.cpp - ")
     message(FATAL_ERROR "${source}: the first line must be '// ${name}.cpp - <summary>'")
   endif()
   string(REGEX REPLACE "^// ${name}\\.cpp - " "" summary "${header}")

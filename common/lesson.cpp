@@ -59,12 +59,15 @@ int Lesson::run(const std::function<bool()>& body) {
     ok = body();
   } catch (const std::exception& e) {
     error = e.what();
+  } catch (...) {
+    error = "an exception that is not a std::exception";
   }
   if (json_) {
     nlohmann::json report = {{"lesson", id_}, {"ok", ok && error.empty()}};
     for (auto& [k, v] : facts_.items()) report[k] = v;
     if (!error.empty()) report["error"] = error;
-    fmt::print("{}\n", report.dump());
+    // Invalid UTF-8 in a fact (a name read from /proc...) is replaced, never a throw.
+    fmt::print("{}\n", report.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
   } else if (error.empty()) {
     fmt::print("\n{}: {}\n", id_, ok ? "ok" : "FAILED (a claim did not hold; see above)");
   }
