@@ -42,11 +42,16 @@ std::string any_method() {
   return method;
 }
 
-// No child of this process is left unreaped.
+// No child of this process is left unreaped. Otherwise says which one.
 bool no_zombies() {
   siginfo_t info{};
   int r = ::waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT);
-  return (r == -1 && errno == ECHILD) || (r == 0 && info.si_pid == 0);
+  if ((r == -1 && errno == ECHILD) || (r == 0 && info.si_pid == 0)) return true;
+  std::ifstream comm("/proc/" + std::to_string(info.si_pid) + "/comm");
+  std::string name;
+  std::getline(comm, name);
+  UNSCOPED_INFO("unreaped child " << info.si_pid << " (" << name << ")");
+  return false;
 }
 
 // Whether process `pid` is gone (or a zombie of some other parent).
@@ -716,14 +721,14 @@ TEST_CASE("pool: when the pool's process dies, its workers die too", "[pool]") {
   for (pid_t p : pids) CHECK_FALSE(process_gone(p));
   owner.kill();
   owner.join();
-  auto reap = [](pid_t p) {
-    if (p > 0) ::waitpid(p, nullptr, WNOHANG);
+  // Each one must end, come to us (a zombie of the dying server is not ours yet) and be
+  // reaped: only then is it gone for good.
+  auto reaped = [](pid_t p) {
+    if (p <= 0) return true;
+    ::waitpid(p, nullptr, WNOHANG);
+    return ::kill(p, 0) == -1 && errno == ESRCH;
   };
-  wait_for([&] {
-    for (pid_t p : pids) reap(p);
-    reap(server);
-    return process_gone(pids[0]) && process_gone(pids[1]) && (server == 0 || process_gone(server));
-  });
+  wait_for([&] { return reaped(pids[0]) & reaped(pids[1]) & reaped(server); });
   REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 0) == 0);
   expect_clean(guard);
 }
