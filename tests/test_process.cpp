@@ -32,7 +32,12 @@ mp::Context any_context() {
 void do_nothing() {}
 int return_status(int s) { return s; }
 void throw_runtime_error() { throw std::runtime_error("boom"); }
-void raise_signal(int sig) { std::raise(sig); }
+// The default action first: sanitizers install their own SIGSEGV handler, which would
+// turn the signal into an exit status.
+void raise_signal(int sig) {
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+}
 void sleep_ms(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
 int check_args(std::string s, std::vector<int> v, double d) {
   return s == "hello" && v == std::vector<int>{1, 2, 3} && d == 2.5 ? 7 : 1;
