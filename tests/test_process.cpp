@@ -1,7 +1,6 @@
 // tests/test_process.cpp - mp::Process: exit codes, signals, timeouts, lifetime rules.
 //
 // Every case runs under each start method the build supports.
-#include <catch2/catch.hpp>
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -9,6 +8,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <catch2/catch.hpp>
 #include <chrono>
 #include <csignal>
 #include <mp/detail/pidfd.hpp>
@@ -57,8 +58,8 @@ int check_identity(pid_t parent, std::string expected_name, bool kernel_parent_t
 // parent (a zombie still answers kill(pid, 0); forkserver children are the server's).
 bool reaped(pid_t pid) {
   siginfo_t info{};
-  bool not_ours = ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG) == -1 &&
-                  errno == ECHILD;
+  bool not_ours =
+      ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG) == -1 && errno == ECHILD;
   return not_ours && ::kill(pid, 0) == -1 && errno == ESRCH;
 }
 
@@ -67,7 +68,6 @@ bool gone_within(int pidfd, std::chrono::seconds guard) {
   pollfd p{pidfd, POLLIN, 0};
   return ::poll(&p, 1, static_cast<int>(guard.count() * 1000)) == 1;
 }
-
 
 }  // namespace
 
@@ -169,6 +169,30 @@ TEST_CASE("process: misuse is a ProcessError", "[process]") {
   CHECK_THROWS_AS(mp::Process{}.start(), mp::ProcessError);
 }
 
+TEST_CASE("process: start refuses when SIGCHLD is ignored", "[process]") {
+  // The kernel would reap the child itself and join() could never learn its exit code.
+  auto ctx = any_context();
+  struct sigaction old {};
+  REQUIRE(::sigaction(SIGCHLD, nullptr, &old) == 0);
+  struct sigaction sa {};
+  SECTION("SIG_IGN") { sa.sa_handler = SIG_IGN; }
+  SECTION("SA_NOCLDWAIT") {
+    sa.sa_handler = SIG_DFL;
+    sa.sa_flags = SA_NOCLDWAIT;
+  }
+  REQUIRE(::sigaction(SIGCHLD, &sa, nullptr) == 0);
+  mp::Process p{ctx, do_nothing};
+  std::string what;
+  try {
+    p.start();
+  } catch (const mp::ProcessError& e) {
+    what = e.what();
+  }
+  REQUIRE(::sigaction(SIGCHLD, &old, nullptr) == 0);
+  CHECK_THAT(what, Catch::Contains("SIGCHLD is ignored"));
+  CHECK(p.pid() == 0);
+}
+
 TEST_CASE("process: names, current_process and parent_process", "[process]") {
   auto ctx = any_context();
   CHECK(mp::current_process().name == "MainProcess");
@@ -197,6 +221,41 @@ TEST_CASE("process: active_children lists running children only", "[process]") {
   a.join();
   CHECK(mp::active_children().empty());
   CHECK(mp::cpu_count() >= 1);
+}
+
+TEST_CASE("process: join in one thread while another lists active_children", "[process]") {
+  // Both reap: join() the child it waits for, active_children() every child that ended.
+  // Exactly one of them may collect the status; the other must see the exit code, not
+  // fail with ECHILD.
+  auto ctx = any_context();
+  std::atomic<bool> done{false};
+  std::atomic<int> errors{0};
+  std::thread lister([&] {
+    while (!done.load()) {
+      try {
+        (void)mp::active_children();
+      } catch (const std::exception& e) {
+        UNSCOPED_INFO("active_children: " << e.what());
+        errors.fetch_add(1);
+      }
+    }
+  });
+  int joined = 0;
+  for (int i = 0; i < 100; ++i) {
+    mp::Process p{ctx, return_status, i % 7};
+    p.start();
+    try {
+      p.join();
+      if (p.exitcode() == i % 7) ++joined;
+    } catch (const std::exception& e) {
+      UNSCOPED_INFO("join: " << e.what());
+      errors.fetch_add(1);
+    }
+  }
+  done = true;
+  lister.join();
+  CHECK(errors.load() == 0);
+  CHECK(joined == 100);
 }
 
 namespace {

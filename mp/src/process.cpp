@@ -1,6 +1,7 @@
 // mp/src/process.cpp - Process, the fork start method, and the child registry.
 #include "mp/process.hpp"
 
+#include <cxxabi.h>
 #include <fmt/format.h>
 #include <poll.h>
 #include <sys/prctl.h>
@@ -12,7 +13,6 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
-#include <cxxabi.h>
 #include <exception>
 #include <mutex>
 #include <typeinfo>
@@ -36,27 +36,34 @@ struct ChildState {
   pid_t pid = 0;
   UniqueFd pidfd;      // signals; waitid() when it is our own child
   UniqueFd status_fd;  // forkserver children: the server sends the exit code here
-  std::optional<int> exitcode;
 
   int sentinel() const noexcept { return status_fd ? status_fd.get() : pidfd.get(); }
 
+  // The exit code once the child has been reaped (by any thread).
+  std::optional<int> known_exitcode() const {
+    std::lock_guard lock(mutex_);
+    return exitcode_;
+  }
+
   // Reaps the child if it has ended. With block, waits until it has. Returns whether it
-  // has ended (exitcode is then set).
+  // has ended (its exit code is then known).
+  //
+  // Several threads may call this at once for the same child (join() in one, the prune of
+  // active_children() or start() in another): only one may collect the status, or the
+  // other's waitid() fails with ECHILD. So the collection happens under mutex_, never
+  // blocking; a blocking caller waits on the sentinel outside the lock, in slices, and
+  // looks again, so a waiter never holds up a prune (which runs under the registry lock).
   bool reap(bool block) {
-    if (exitcode) return true;
-    if (status_fd) {
-      if (!block && !wait_readable(0)) return false;
-      exitcode = read_exit_status(status_fd.get(), pid);
-      return true;
+    for (;;) {
+      {
+        std::lock_guard lock(mutex_);
+        if (exitcode_ || collect_locked()) return true;
+      }
+      if (!block) return false;
+      // Readable once the child has ended; the slice covers another thread having consumed
+      // a forkserver status meanwhile (the fd need not stay readable after that).
+      wait_readable(kReapSliceMs);
     }
-    siginfo_t info{};
-    int flags = WEXITED | (block ? 0 : WNOHANG);
-    if (retry_eintr([&] { return ::waitid(kPidfdIdtype, pidfd.get(), &info, flags); }) == -1) {
-      throw_errno(fmt::format("wait for process {} ({})", pid, name));
-    }
-    if (info.si_pid == 0) return false;  // WNOHANG and still running
-    exitcode = info.si_code == CLD_EXITED ? info.si_status : -info.si_status;
-    return true;
   }
 
   // Waits up to timeout_ms (negative: forever) for the child to end, without reaping.
@@ -77,7 +84,7 @@ struct ChildState {
   }
 
   void send(int sig) {
-    if (exitcode) return;
+    if (known_exitcode()) return;  // reaped: the pid may be reused, but the pidfd is safe
     if (pidfd_send_signal(pidfd.get(), sig) == -1 && errno != ESRCH) {
       throw_errno(fmt::format("send {} to process {} ({})", signal_name(sig), pid, name));
     }
@@ -89,6 +96,29 @@ struct ChildState {
     if (!wait_readable(kTerminateGraceMs)) send(SIGKILL);
     reap(true);
   }
+
+ private:
+  static constexpr int kReapSliceMs = 100;
+
+  // Collects the exit status if the child has ended, without waiting. Caller holds mutex_.
+  bool collect_locked() {
+    if (status_fd) {
+      if (!wait_readable(0)) return false;
+      exitcode_ = read_exit_status(status_fd.get(), pid);
+      return true;
+    }
+    siginfo_t info{};
+    if (retry_eintr(
+            [&] { return ::waitid(kPidfdIdtype, pidfd.get(), &info, WEXITED | WNOHANG); }) == -1) {
+      throw_errno(fmt::format("wait for process {} ({})", pid, name));
+    }
+    if (info.si_pid == 0) return false;  // still running
+    exitcode_ = info.si_code == CLD_EXITED ? info.si_status : -info.si_status;
+    return true;
+  }
+
+  mutable std::mutex mutex_;
+  std::optional<int> exitcode_;
 };
 
 namespace {
@@ -286,9 +316,9 @@ Context get_context(std::string_view method) {
   if (method == "fork") return Context(&detail::fork_method());
   if (method == "spawn") return Context(&detail::spawn_method());
   if (method == "forkserver") return Context(&detail::forkserver_method());
-  throw std::invalid_argument(fmt::format(
-      "cannot get context '{}': unknown start method (known: {})", method,
-      fmt::join(get_all_start_methods(), ", ")));
+  throw std::invalid_argument(
+      fmt::format("cannot get context '{}': unknown start method (known: {})", method,
+                  fmt::join(get_all_start_methods(), ", ")));
 }
 
 void set_start_method(std::string_view method, bool force) {
@@ -316,9 +346,7 @@ Process::Process(const Context& context, detail::LaunchSpec spec)
 }
 
 Process::Process(Process&& other) noexcept
-    : context_(other.context_),
-      spec_(std::move(other.spec_)),
-      state_(std::move(other.state_)) {}
+    : context_(other.context_), spec_(std::move(other.spec_)), state_(std::move(other.state_)) {}
 
 Process& Process::operator=(Process&& other) noexcept {
   if (this != &other) {
@@ -338,7 +366,7 @@ void Process::release() noexcept {
     return;
   }
   try {
-    if (!state_->exitcode) {
+    if (!state_->known_exitcode()) {
       if (state_->daemon || std::uncaught_exceptions() > 0) {
         state_->stop();
       } else {
@@ -373,6 +401,16 @@ void Process::set_detached(bool detached) {
 void Process::start() {
   if (state_) throw ProcessError(fmt::format("cannot start process '{}' twice", spec_.name));
   if (!spec_.body) throw ProcessError("cannot start an empty Process");
+  // With SIGCHLD ignored (or SA_NOCLDWAIT) the kernel reaps children itself, and join()
+  // could never learn an exit code: it would fail with ECHILD. Say so now, not later.
+  struct sigaction chld {};
+  if (::sigaction(SIGCHLD, nullptr, &chld) == -1) throw_errno("read the action of SIGCHLD");
+  if (chld.sa_handler == SIG_IGN || (chld.sa_flags & SA_NOCLDWAIT) != 0) {
+    throw ProcessError(fmt::format(
+        "cannot start process '{}': SIGCHLD is ignored (SIG_IGN or SA_NOCLDWAIT), so its exit "
+        "status would be lost; restore the default action first",
+        spec_.name));
+  }
   auto state = std::make_shared<detail::ChildState>();
   state->name = spec_.name;
   state->daemon = spec_.daemon;
@@ -400,9 +438,10 @@ void Process::join() {
 bool Process::join(Seconds timeout) {
   if (!state_) throw ProcessError(fmt::format("cannot join process '{}': not started", spec_.name));
   if (std::isnan(timeout.count())) {
-    throw std::invalid_argument(fmt::format("cannot join process '{}': the timeout is NaN", spec_.name));
+    throw std::invalid_argument(
+        fmt::format("cannot join process '{}': the timeout is NaN", spec_.name));
   }
-  if (state_->exitcode) return true;
+  if (state_->known_exitcode()) return true;
   // Clamp as a double first: a huge timeout (Seconds::max()) would overflow milliseconds.
   double ms = std::clamp(std::ceil(timeout.count() * 1000.0), 0.0, double{INT32_MAX});
   if (ms >= INT32_MAX) {  // ~24 days or more: wait for good
@@ -426,7 +465,7 @@ void Process::kill() {
 std::optional<int> Process::exitcode() {
   if (!state_) return std::nullopt;
   state_->reap(false);
-  return state_->exitcode;
+  return state_->known_exitcode();
 }
 
 pid_t Process::pid() const noexcept { return state_ ? state_->pid : 0; }
