@@ -15,7 +15,6 @@
 // figures go to DIR/chunksize_tuning.dat and, when gnuplot is installed, a chart to
 // DIR/chunksize_tuning.png (gnuplot-nox on Debian).
 #include <fmt/format.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -46,19 +45,6 @@ int uneven(std::pair<int, int> item) {
   auto [i, n] = item;
   if (4 * i >= 3 * n) std::this_thread::sleep_for(std::chrono::milliseconds(2));
   return i;
-}
-
-bool on_path(const std::string& program) {
-  const char* path = std::getenv("PATH");
-  std::string dirs = path ? path : "";
-  for (std::size_t at = 0; at <= dirs.size();) {
-    std::size_t end = dirs.find(':', at);
-    if (end == std::string::npos) end = dirs.size();
-    std::string dir = dirs.substr(at, end - at);
-    if (!dir.empty() && ::access((dir + "/" + program).c_str(), X_OK) == 0) return true;
-    at = end + 1;
-  }
-  return false;
 }
 
 // Draws the data file with gnuplot into `png`.
@@ -148,7 +134,7 @@ int main(int argc, char** argv) {
 
     // Step 3: the figures to a file, and a chart if gnuplot is there.
     std::string data_file, chart;
-    bool gnuplot = on_path("gnuplot");
+    bool gnuplot = lesson::find_program("gnuplot").has_value();
     if (!out_dir.empty()) {
       std::filesystem::path dir(out_dir);
       std::filesystem::create_directories(dir);

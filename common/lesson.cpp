@@ -1,6 +1,9 @@
 // common/lesson.cpp - the shared lesson harness (see lesson.hpp).
 #include "lesson.hpp"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -74,6 +77,26 @@ int Lesson::run(const std::function<bool()>& body) {
   if (!error.empty()) fmt::print(stderr, "error: {}\n", error);
   std::fflush(stdout);
   return ok && error.empty() ? 0 : 1;
+}
+
+std::optional<std::string> find_program(std::string_view program) {
+  if (program.find('/') != std::string_view::npos) {  // a path already: just check it
+    std::string p{program};
+    if (::access(p.c_str(), X_OK) == 0) return p;
+    return std::nullopt;
+  }
+  const char* path = std::getenv("PATH");
+  std::string_view dirs = path ? path : "";
+  for (std::size_t at = 0; at <= dirs.size();) {
+    std::size_t end = std::min(dirs.find(':', at), dirs.size());
+    std::string dir{dirs.substr(at, end - at)};
+    if (!dir.empty()) {
+      std::string candidate = dir + "/" + std::string{program};
+      if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+    }
+    at = end + 1;
+  }
+  return std::nullopt;
 }
 
 double seconds_since(std::chrono::steady_clock::time_point start) {

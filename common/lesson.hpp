@@ -14,14 +14,16 @@
 // MP_LESSON_ID ("chapter/name") is defined by mp_add_lesson() in cmake/MpLesson.cmake.
 #pragma once
 
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 
 namespace lesson {
@@ -73,6 +75,11 @@ class Lesson {
   std::uint64_t seed_ = 0;
   nlohmann::json facts_ = nlohmann::json::object();
 };
+
+// The path of `program` in one of $PATH's directories (the first executable one), or
+// nothing: for lessons that use an optional tool (gnuplot, python3) and say so when it is
+// missing.
+std::optional<std::string> find_program(std::string_view program);
 
 // Seconds since `start`, as a double: for the timings lessons print.
 double seconds_since(std::chrono::steady_clock::time_point start);

@@ -1,6 +1,4 @@
 // tests/lessons/3_pools.cpp - the claims of chapter 3, read from each lesson's --json.
-#include <unistd.h>
-
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
@@ -9,20 +7,8 @@
 
 #include "run.hpp"
 
-namespace {
-
-std::filesystem::path scratch_dir(const std::string& name) {
-  return std::filesystem::temp_directory_path() / (name + "-" + std::to_string(::getpid()));
-}
-
-bool is_png(const std::filesystem::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  char magic[8] = {};
-  f.read(magic, sizeof magic);
-  return f.gcount() == 8 && std::string(magic + 1, 3) == "PNG";
-}
-
-}  // namespace
+using testing::is_png;
+using testing::scratch_dir;
 
 TEST_CASE(
     "3_pools/pool_map_apply: map equals the serial answers, a task's exception and a "
@@ -128,22 +114,4 @@ TEST_CASE(
   CHECK(r["error_callback_calls"] == 1);
   CHECK(r["error_type"] == "std::domain_error");
   CHECK(r["get_raised_same_error"] == true);
-}
-
-TEST_CASE("6_performance/ipc_benchmark reports the pool workloads, each beside its raw floor",
-          "[lessons][3_pools]") {
-  auto r = testing::run_lesson_json(
-      "6_performance/ipc_benchmark",
-      {"--quick", "--filter", "^(pool_map_chunk1|pool_map_auto|apply_async)$"});
-  const auto& w = r["workloads"];
-  CHECK(w.size() == 3);
-  for (const char* id : {"pool_map_chunk1", "pool_map_auto", "apply_async"}) {
-    INFO(id);
-    REQUIRE(w.contains(id));
-    CHECK(w[id]["unit"] == "us");
-    double value = w[id]["value"], raw = w[id]["raw_value"];
-    CHECK(value > 0);
-    CHECK(raw > 0);
-    CHECK(w[id]["ratio_to_raw"] == Approx(value / raw));
-  }
 }

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <fstream>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -100,6 +101,17 @@ int count_lines(const std::string& s) {
 namespace testing {
 
 std::string lesson_binary(const std::string& id) { return MP_BUILD_DIR "/" + id; }
+
+std::filesystem::path scratch_dir(const std::string& name) {
+  return std::filesystem::temp_directory_path() / (name + "-" + std::to_string(::getpid()));
+}
+
+bool is_png(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  char magic[8] = {};
+  f.read(magic, sizeof magic);
+  return f.gcount() == 8 && std::string(magic + 1, 3) == "PNG";
+}
 
 nlohmann::json run_lesson_json(const std::string& id, std::vector<std::string> args) {
   args.insert(args.begin(), lesson_binary(id));

@@ -24,6 +24,7 @@ int count_lines(const std::string& s);
 
 }  // namespace testing
 
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 namespace testing {
@@ -34,5 +35,12 @@ nlohmann::json run_lesson_json(const std::string& id, std::vector<std::string> a
 
 // The path of a lesson binary: build/<chapter>/<name>.
 std::string lesson_binary(const std::string& id);
+
+// A directory name for a test's files, unique to this test process: /tmp/<name>-<pid>.
+// Not created; the test removes it.
+std::filesystem::path scratch_dir(const std::string& name);
+
+// Whether the file at p starts with the PNG signature.
+bool is_png(const std::filesystem::path& p);
 
 }  // namespace testing
