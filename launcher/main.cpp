@@ -1,7 +1,6 @@
 // launcher/main.cpp - the compiled half of ./playground: list, run, tour, bench.
 //
 // ./playground builds the project, then runs this program with its own arguments.
-#include <CLI/CLI.hpp>
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <spawn.h>
@@ -9,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
@@ -73,8 +73,8 @@ int cmd_run(const std::string& id, const std::vector<std::string>& args) {
 int run_logged(const LessonEntry& e, const std::string& log) {
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, log.c_str(),
-                                   O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
+                                   0644);
   posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
   posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
   std::string path = playground::lesson_path(e);
@@ -148,13 +148,17 @@ int cmd_tour(const std::string& filter) {
   return failed == 0 ? 0 : 1;
 }
 
+// The whole comparison: mp, the raw floor and Python, with the CSV and the chart written
+// under build/bench/ of the source tree. Arguments after -- are added (--filter, --repeat...).
 int cmd_bench(const std::vector<std::string>& args) {
   const LessonEntry* e = find_lesson("6_performance/ipc_benchmark");
   if (!e) {
-    fmt::print("playground: the benchmark (6_performance/ipc_benchmark) is not built yet\n");
-    return 0;
+    fmt::print(stderr, "playground: the benchmark (6_performance/ipc_benchmark) is not built\n");
+    return 1;
   }
-  return cmd_run(e->id, args);
+  std::vector<std::string> all{"--compare-python", "--out", MP_SOURCE_DIR "/build/bench"};
+  all.insert(all.end(), args.begin(), args.end());
+  return cmd_run(e->id, all);
 }
 
 }  // namespace
@@ -173,7 +177,8 @@ int main(int argc, char** argv) {
   auto* tour = app.add_subcommand("tour", "run every lesson with small defaults");
   tour->add_option("--filter", tour_filter, "only lessons whose id contains this text");
   std::vector<std::string> bench_args;
-  auto* bench = app.add_subcommand("bench", "run the IPC benchmark");
+  auto* bench = app.add_subcommand(
+      "bench", "run the IPC benchmark beside raw syscalls and Python; results in build/bench/");
   bench->add_option("args", bench_args, "arguments for the benchmark (after --)");
   app.add_subcommand("test", "build and run every test (handled by ./playground itself)");
 

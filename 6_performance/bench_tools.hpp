@@ -1,0 +1,53 @@
+// bench_tools.hpp - what the chapter's benchmarks share: running another program (python3,
+// gnuplot) with a time limit, the Python side of a workload, and the spread of repeated
+// runs.
+#pragma once
+
+#include <chrono>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace bench {
+
+// How a program run ended: its exit status (or -signal), and what it printed on stdout and
+// stderr, interleaved.
+struct Ran {
+  int exit_code = 0;
+  std::string output;
+};
+
+// Runs argv (argv[0] a path) in a process group of its own, its stdin /dev/null. A program
+// still running after `limit` is killed with its whole group (Python's own children with
+// it) and that is an error. Throws std::runtime_error when it cannot start or times out.
+Ran run_program(const std::vector<std::string>& argv, std::chrono::seconds limit);
+
+// The Python interpreter: $MP_PYTHON when set (a path or a name on $PATH), otherwise python3
+// on $PATH. Nothing when there is none.
+std::optional<std::string> find_python();
+
+// The folder of the Python scripts (6_performance/python in the source tree).
+std::string python_dir();
+
+// Runs `<python> -B <python_dir>/<script> <args...> --n <n>` and returns the figure of the
+// JSON line it prints ({"workload", "value", "unit"}). Throws std::runtime_error (with the
+// script's last line of output) when it fails, prints no figure, or reports another unit.
+double run_python_workload(const std::string& python, const std::string& script,
+                           const std::vector<std::string>& args, long n, const std::string& unit,
+                           std::chrono::seconds limit = std::chrono::seconds(300));
+
+// The spread of repeated measurements of one figure.
+struct Spread {
+  double median = 0, min = 0, max = 0;
+};
+Spread spread_of(std::vector<double> runs);  // runs must not be empty
+
+// Whether a figure in `unit` is a time per operation (us, ns, ms: lower is better) rather
+// than a rate (msgs/s, MB/s: higher is better).
+bool is_time(const std::string& unit);
+
+// How many times the cost of `a` is the cost of `b`, for two figures in the same unit:
+// a/b for times, b/a for rates. 2.0 means `a` takes twice as long as `b` for the same work.
+double cost_ratio(double a, double b, const std::string& unit);
+
+}  // namespace bench
