@@ -167,3 +167,42 @@ TEST_CASE("6_performance/ipc_benchmark: bad options are usage errors", "[lessons
     CHECK(testing::count_lines(r.err) == 1);
   }
 }
+
+TEST_CASE("6_performance/python_comparison: each job both ways, with mp's speedup",
+          "[lessons][6_performance]") {
+  // python3 is installed by scripts/install-deps.
+  auto r = testing::run_lesson_json("6_performance/python_comparison", {"--quick"});
+  REQUIRE(r["python_found"] == true);
+  const auto& jobs = r["jobs"];
+  REQUIRE(jobs.size() == 4);
+  for (const char* id : {"queue_small", "apply_async", "value_locked_inc", "manager_dict_set"}) {
+    INFO(id);
+    REQUIRE(jobs.contains(id));
+    const auto& j = jobs[id];
+    double mine = j["mp"], theirs = j["python"];
+    CHECK(mine > 0);
+    CHECK(theirs > 0);
+    CHECK(j["speedup"].get<double>() == Approx(cost_ratio(theirs, mine, j["unit"])));
+  }
+}
+
+TEST_CASE("6_performance/python_comparison: without python3 it says so and still succeeds",
+          "[lessons][6_performance]") {
+  auto bin = testing::lesson_binary("6_performance/python_comparison");
+  auto r = testing::run({"/usr/bin/env", "MP_PYTHON=/nonexistent/python3", bin, "--quick"});
+  INFO(r.out << r.err);
+  REQUIRE(r.exit_code == 0);
+  CHECK(r.out.find("python3 was not found") != std::string::npos);
+  auto j = testing::run({"/usr/bin/env", "MP_PYTHON=/nonexistent/python3", bin, "--quick",
+                         "--json"});
+  REQUIRE(j.exit_code == 0);
+  auto report = nlohmann::json::parse(j.out);
+  CHECK(report["ok"] == true);
+  CHECK(report["python_found"] == false);
+  for (const auto& [id, job] : report["jobs"].items()) {
+    INFO(id);
+    CHECK(job["mp"].get<double>() > 0);
+    CHECK(job["python"].is_null());
+    CHECK(job["speedup"].is_null());
+  }
+}
