@@ -74,6 +74,7 @@ const std::vector<Job> kJobs = {
 std::string human(double v) {
   if (v >= 1e6) return fmt::format("{:.3g} M", v / 1e6);
   if (v >= 1e4) return fmt::format("{:.3g} k", v / 1e3);
+  if (v >= 100) return fmt::format("{:.0f}", v);
   return fmt::format("{:.3g}", v);
 }
 
