@@ -3,6 +3,7 @@
 // ./playground builds the project, then runs this program with its own arguments.
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <signal.h>
 #include <spawn.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -16,6 +17,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "catalogue.hpp"
@@ -69,46 +71,81 @@ int cmd_run(const std::string& id, const std::vector<std::string>& args) {
   return 1;
 }
 
-// Runs a lesson with its output in `log`, returns its wait status (or -1 on failure).
-int run_logged(const LessonEntry& e, const std::string& log) {
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
-                                   0644);
-  posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
-  posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+// How long a lesson may run in the tour before it is stopped (ctest allows the same).
+constexpr auto kLessonLimit = std::chrono::seconds(120);
+
+// How a lesson run in the tour ended.
+struct Outcome {
+  bool ok = false;
+  std::string why;  // when not ok: "exit status 1", "killed by signal 11", "timed out"...
+};
+
+// Runs a lesson with its output in `log`. A lesson still running after kLessonLimit gets
+// SIGTERM, then SIGKILL; its children die with it (mp gives them a parent-death signal).
+// It stays in our process group, so that Ctrl-C reaches it too.
+Outcome run_logged(const LessonEntry& e, const std::string& log) {
   std::string path = playground::lesson_path(e);
+  auto fail = [&](const char* what, int err) {
+    return Outcome{false, fmt::format("cannot {} for {}: {}", what, path, std::strerror(err))};
+  };
+  posix_spawn_file_actions_t fa;
+  if (int rc = posix_spawn_file_actions_init(&fa)) return fail("set up posix_spawn", rc);
+  int rc = posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, log.c_str(),
+                                            O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (rc == 0) rc = posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
+  if (rc == 0) rc = posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
   auto argv = make_argv(path, e.args);
   pid_t pid = 0;
-  int rc = ::posix_spawn(&pid, path.c_str(), &fa, nullptr, argv.data(), environ);
+  if (rc == 0) rc = ::posix_spawn(&pid, path.c_str(), &fa, nullptr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&fa);
-  if (rc != 0) {
-    fmt::print(stderr, "playground: cannot start {}: {}\n", path, std::strerror(rc));
-    return -1;
-  }
+  if (rc != 0) return fail("start the lesson", rc);
+
+  // Wait, looking every 20 ms; past the limit, stop it. Until it is reaped its pid cannot
+  // be reused, so the signals cannot reach another process.
+  auto deadline = std::chrono::steady_clock::now() + kLessonLimit;
+  bool timed_out = false;
   int status = 0;
-  while (::waitpid(pid, &status, 0) == -1) {
-    if (errno != EINTR) {
-      fmt::print(stderr, "playground: cannot wait for {}: {}\n", path, std::strerror(errno));
-      return -1;
+  for (;;) {
+    pid_t r = ::waitpid(pid, &status, timed_out ? 0 : WNOHANG);
+    if (r == pid) break;
+    if (r == -1 && errno != EINTR) return fail("wait for the lesson", errno);
+    if (!timed_out && std::chrono::steady_clock::now() >= deadline) {
+      timed_out = true;
+      ::kill(pid, SIGTERM);
+      std::this_thread::sleep_for(std::chrono::seconds(2));
+      ::kill(pid, SIGKILL);  // harmless if it has ended: it is a zombie until reaped
+      continue;
     }
+    if (!timed_out) std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  return status;
+  if (timed_out) return {false, fmt::format("timed out after {} s", kLessonLimit.count())};
+  if (WIFEXITED(status)) {
+    if (WEXITSTATUS(status) == 0) return {true, ""};
+    return {false, fmt::format("exit status {}", WEXITSTATUS(status))};
+  }
+  return {false, fmt::format("killed by signal {}", WTERMSIG(status))};
 }
 
 int cmd_tour(const std::string& filter) {
-  std::string logdir = MP_BUILD_DIR "/tour";
-  ::mkdir(logdir.c_str(), 0755);  // may exist already
   struct Row {
     std::string id;
     double seconds;
-    bool ok;
+    Outcome outcome;
     std::string log;
   };
   std::vector<Row> rows;
   std::vector<const LessonEntry*> todo;
   for (const auto& e : catalogue()) {
     if (filter.empty() || e.id.find(filter) != std::string::npos) todo.push_back(&e);
+  }
+  if (todo.empty()) {
+    fmt::print(stderr, "playground: no lesson matches '{}' (see ./playground list)\n", filter);
+    return 2;
+  }
+  std::string logdir = MP_BUILD_DIR "/tour";
+  if (::mkdir(logdir.c_str(), 0755) == -1 && errno != EEXIST) {
+    fmt::print(stderr, "playground: cannot create {}: {}\n", logdir, std::strerror(errno));
+    return 1;
   }
   bool tty = ::isatty(STDOUT_FILENO);
   for (std::size_t i = 0; i < todo.size(); ++i) {
@@ -118,11 +155,10 @@ int cmd_tour(const std::string& filter) {
     std::string log = logdir + "/" + e.id.substr(0, e.id.find('/')) + "__" +
                       e.id.substr(e.id.find('/') + 1) + ".log";
     auto t0 = std::chrono::steady_clock::now();
-    int status = run_logged(e, log);
+    Outcome outcome = run_logged(e, log);
     double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    bool ok = status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0;
-    rows.push_back({e.id, s, ok, log});
-    if (!tty) fmt::print("{}\n", ok ? "ok" : "FAILED");
+    if (!tty) fmt::print("{}\n", outcome.ok ? "ok" : "FAILED (" + outcome.why + ")");
+    rows.push_back({e.id, s, std::move(outcome), log});
   }
   if (tty) fmt::print("\r{:<60}\r", "");
 
@@ -131,15 +167,16 @@ int cmd_tour(const std::string& filter) {
   int failed = 0;
   double total = 0;
   for (const auto& r : rows) {
-    fmt::print("{:<44} {:>8.2f}  {}\n", r.id, r.seconds, r.ok ? "yes" : "NO");
+    fmt::print("{:<44} {:>8.2f}  {}\n", r.id, r.seconds,
+               r.outcome.ok ? "yes" : "NO (" + r.outcome.why + ")");
     total += r.seconds;
-    if (!r.ok) ++failed;
+    if (!r.outcome.ok) ++failed;
   }
   fmt::print("{:-<44} {:->8}  {:-<6}\n", "", "", "");
   fmt::print("{:<44} {:>8.2f}  {}/{} ok\n", "total", total, rows.size() - failed, rows.size());
   for (const auto& r : rows) {
-    if (r.ok) continue;
-    fmt::print(stderr, "\n--- {} failed; its output ({}):\n", r.id, r.log);
+    if (r.outcome.ok) continue;
+    fmt::print(stderr, "\n--- {} failed ({}); its output ({}):\n", r.id, r.outcome.why, r.log);
     std::ifstream in(r.log);
     std::stringstream ss;
     ss << in.rdbuf();

@@ -7,8 +7,7 @@
 
 using playground::catalogue;
 
-TEST_CASE("lessons: every lesson runs with its tour arguments and --json reports ok",
-          "[lessons]") {
+TEST_CASE("lessons: every lesson runs with its tour arguments and --json reports ok", "[lessons]") {
   REQUIRE_FALSE(catalogue().empty());
   for (const auto& e : catalogue()) {
     DYNAMIC_SECTION(e.id) {
@@ -56,5 +55,22 @@ TEST_CASE("lessons: --help exits 0 and starts with the summary of the header com
       CHECK_THAT(r.out, Catch::StartsWith(e.summary));
       CHECK_THAT(r.out, Catch::Contains("--json"));
     }
+  }
+}
+
+TEST_CASE("launcher: tour runs the lessons its filter matches and ends with the table",
+          "[lessons][launcher]") {
+  std::string launcher = MP_BUILD_DIR "/launcher/playground";
+  SECTION("a filter that matches one lesson") {
+    auto r = testing::run({launcher, "tour", "--filter", "0_basics/creating_process"});
+    INFO(r.out << r.err);
+    CHECK(r.exit_code == 0);
+    CHECK_THAT(r.out, Catch::Contains("1/1 ok"));
+  }
+  SECTION("a filter that matches nothing is a usage error") {
+    auto r = testing::run({launcher, "tour", "--filter", "no/such_lesson"});
+    CHECK(r.exit_code == 2);
+    CHECK(testing::count_lines(r.err) == 1);
+    CHECK_THAT(r.err, Catch::Contains("no lesson matches"));
   }
 }
