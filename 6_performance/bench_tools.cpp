@@ -102,7 +102,14 @@ Ran run_program(const std::vector<std::string>& argv, std::chrono::seconds limit
         "start " + name);
   out_w.reset();  // only the child writes: end of file once it (and its children) are done
 
-  // Read until end of file or the deadline.
+  // Read until end of file or the deadline. On any failure the whole group is killed and
+  // our child reaped before the error goes up: nothing is left running.
+  auto stop_all = [&] {
+    int e = errno;
+    ::kill(-pid, SIGKILL);
+    reap(pid, name);
+    errno = e;
+  };
   Ran ran;
   auto deadline = Clock::now() + limit;
   char buf[4096];
@@ -112,24 +119,17 @@ Ran run_program(const std::vector<std::string>& argv, std::chrono::seconds limit
     int r = left.count() > 0 ? ::poll(&pfd, 1, static_cast<int>(left.count())) : 0;
     if (r == -1 && errno == EINTR) continue;
     if (r == -1) {
-      int e = errno;
-      ::kill(-pid, SIGKILL);
-      reap(pid, name);
-      errno = e;
+      stop_all();
       mp::throw_errno("poll the output of " + name);
     }
-    if (r == 0) {  // out of time: kill the whole group, then reap our child
-      ::kill(-pid, SIGKILL);
-      reap(pid, name);
+    if (r == 0) {
+      stop_all();
       throw std::runtime_error(
           fmt::format("{} did not finish within {} s, so it was killed", name, limit.count()));
     }
     ssize_t n = mp::detail::retry_eintr([&] { return ::read(out_r.get(), buf, sizeof buf); });
     if (n == -1) {
-      int e = errno;
-      ::kill(-pid, SIGKILL);
-      reap(pid, name);
-      errno = e;
+      stop_all();
       mp::throw_errno("read the output of " + name);
     }
     if (n == 0) break;
