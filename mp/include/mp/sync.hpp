@@ -204,6 +204,27 @@ std::shared_ptr<SyncRegion> load_region(Archive& ar, std::size_t size, SyncKind 
   return SyncRegion::attach(import_fd(index), size, kind);
 }
 
+// The standard Lockable and TimedLockable names over acquire/try_acquire/release, so that
+// std::lock_guard, std::unique_lock and std::scoped_lock work with Lock and RLock.
+template <class Derived>
+class LockableNames {
+ public:
+  void lock() { self().acquire(); }
+  void unlock() { self().release(); }
+  bool try_lock() { return self().try_acquire(); }
+  template <class Rep, class Period>
+  bool try_lock_for(const std::chrono::duration<Rep, Period>& d) {
+    return self().acquire(std::chrono::duration_cast<Seconds>(d));
+  }
+  template <class Clock, class Duration>
+  bool try_lock_until(const std::chrono::time_point<Clock, Duration>& t) {
+    return try_lock_for(t - Clock::now());
+  }
+
+ private:
+  Derived& self() noexcept { return static_cast<Derived&>(*this); }
+};
+
 }  // namespace detail
 
 // ---- Lock ---------------------------------------------------------------------------------
@@ -215,7 +236,7 @@ std::shared_ptr<SyncRegion> load_region(Archive& ar, std::size_t size, SyncKind 
 // ProcessError instead; try_acquire() and a timed acquire() return false.
 //
 // Lockable and TimedLockable: std::lock_guard, std::unique_lock and std::scoped_lock work.
-class Lock {
+class Lock : public detail::LockableNames<Lock> {
  public:
   Lock();
 
@@ -235,19 +256,6 @@ class Lock {
   // Whether some thread of some process holds it now (a snapshot), and whether it is us.
   bool locked() const noexcept;
   bool held_by_me() const noexcept;
-
-  // Lockable names.
-  void lock() { acquire(); }
-  void unlock() { release(); }
-  bool try_lock() { return try_acquire(); }
-  template <class Rep, class Period>
-  bool try_lock_for(const std::chrono::duration<Rep, Period>& d) {
-    return acquire(std::chrono::duration_cast<Seconds>(d));
-  }
-  template <class Clock, class Duration>
-  bool try_lock_until(const std::chrono::time_point<Clock, Duration>& t) {
-    return try_lock_for(t - Clock::now());
-  }
 
   // Serialization for mp's start methods (the descriptor travels through the FdChannel).
   template <class Archive>
@@ -276,7 +284,7 @@ class Lock {
 // again; it is free once released as many times as acquired. Releasing it from a thread
 // that does not hold it throws ProcessError. Robust like Lock: when the holder dies at any
 // depth, the next acquirer gets it at depth 1 with owner_died() true.
-class RLock {
+class RLock : public detail::LockableNames<RLock> {
  public:
   RLock();
 
@@ -291,18 +299,6 @@ class RLock {
   bool held_by_me() const noexcept;
   // How many times the calling thread holds it (0: not at all).
   int depth() const noexcept;
-
-  void lock() { acquire(); }
-  void unlock() { release(); }
-  bool try_lock() { return try_acquire(); }
-  template <class Rep, class Period>
-  bool try_lock_for(const std::chrono::duration<Rep, Period>& d) {
-    return acquire(std::chrono::duration_cast<Seconds>(d));
-  }
-  template <class Clock, class Duration>
-  bool try_lock_until(const std::chrono::time_point<Clock, Duration>& t) {
-    return try_lock_for(t - Clock::now());
-  }
 
   template <class Archive>
   void save(Archive& ar) const {
@@ -334,7 +330,7 @@ class RLock {
 // while there is none; release() gives one back, from any process. Nobody owns a unit, so a
 // process that dies holding one cannot be detected: it is simply gone (give waits a
 // timeout). Lockable: std::lock_guard takes and gives back one unit.
-class Semaphore {
+class Semaphore : public detail::LockableNames<Semaphore> {
  public:
   // Throws std::invalid_argument when value is negative.
   explicit Semaphore(int value = 1);
@@ -347,18 +343,6 @@ class Semaphore {
   void release();
   // The number of free units now (a snapshot).
   int get_value() const noexcept;
-
-  void lock() { acquire(); }
-  void unlock() { release(); }
-  bool try_lock() { return try_acquire(); }
-  template <class Rep, class Period>
-  bool try_lock_for(const std::chrono::duration<Rep, Period>& d) {
-    return acquire(std::chrono::duration_cast<Seconds>(d));
-  }
-  template <class Clock, class Duration>
-  bool try_lock_until(const std::chrono::time_point<Clock, Duration>& t) {
-    return try_lock_for(t - Clock::now());
-  }
 
   template <class Archive>
   void save(Archive& ar) const {
@@ -441,7 +425,7 @@ class Event {
 // threads) wait at once; a waiter killed while it waits may absorb one notify() (its slot
 // is reclaimed when the table fills up). If the holder of the lock dies, the waiter that
 // takes it back sees owner_died(), and the Condition's own bookkeeping is checked again.
-class Condition {
+class Condition : public detail::LockableNames<Condition> {
  public:
   Condition();
   explicit Condition(Lock lock);
@@ -452,18 +436,6 @@ class Condition {
   bool try_acquire();
   void release();
   bool owner_died() const noexcept;
-
-  void lock() { acquire(); }
-  void unlock() { release(); }
-  bool try_lock() { return try_acquire(); }
-  template <class Rep, class Period>
-  bool try_lock_for(const std::chrono::duration<Rep, Period>& d) {
-    return acquire(std::chrono::duration_cast<Seconds>(d));
-  }
-  template <class Clock, class Duration>
-  bool try_lock_until(const std::chrono::time_point<Clock, Duration>& t) {
-    return try_lock_for(t - Clock::now());
-  }
 
   // Waits for a notify. Returns false when the timeout ran out first. Throws ProcessError
   // when the calling thread does not hold the lock.
