@@ -5,7 +5,7 @@
 #include <fmt/format.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -15,8 +15,10 @@
 #include <mp/detail/fd.hpp>
 #include <mp/error.hpp>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <stdexcept>
 #include <system_error>
+#include <thread>
 
 #include "lesson.hpp"
 
@@ -27,38 +29,91 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// posix_spawn's attributes and file actions, destroyed at scope exit.
-struct SpawnSetup {
-  posix_spawnattr_t attr;
-  posix_spawn_file_actions_t actions;
-  SpawnSetup() {
-    if (int e = ::posix_spawnattr_init(&attr)) {
-      throw std::system_error(e, std::generic_category(), "cannot set up posix_spawn");
-    }
-    if (int e = ::posix_spawn_file_actions_init(&actions)) {
-      ::posix_spawnattr_destroy(&attr);
-      throw std::system_error(e, std::generic_category(), "cannot set up posix_spawn");
+// A started child: killed with its whole process group and reaped when the guard goes out
+// of scope before wait_until() saw it end, on any path (a timeout, an error, an exception).
+class ChildGuard {
+ public:
+  ChildGuard(pid_t pid, std::string name) : pid_(pid), name_(std::move(name)) {}
+  ChildGuard(const ChildGuard&) = delete;
+  ChildGuard& operator=(const ChildGuard&) = delete;
+  ~ChildGuard() {
+    if (pid_ <= 0) return;
+    ::kill(-pid_, SIGKILL);  // not reaped yet, so the group id cannot belong to anyone else
+    while (::waitpid(pid_, nullptr, 0) == -1 && errno == EINTR) {
     }
   }
-  ~SpawnSetup() {
-    ::posix_spawn_file_actions_destroy(&actions);
-    ::posix_spawnattr_destroy(&attr);
+
+  // Waits until the child ends or `deadline` passes. Returns its exit status (or -signal),
+  // or nothing when time ran out (the destructor then kills it).
+  std::optional<int> wait_until(Clock::time_point deadline) {
+    for (;;) {
+      int status = 0;
+      pid_t r = ::waitpid(pid_, &status, WNOHANG);
+      if (r == -1 && errno == EINTR) continue;
+      if (r == -1) mp::throw_errno("wait for " + name_);
+      if (r == pid_) {
+        pid_ = 0;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
+      }
+      if (Clock::now() >= deadline) return std::nullopt;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
   }
-  SpawnSetup(const SpawnSetup&) = delete;
-  SpawnSetup& operator=(const SpawnSetup&) = delete;
+
+ private:
+  pid_t pid_;
+  std::string name_;
 };
 
-void check(int error, const std::string& what) {
-  if (error != 0) throw std::system_error(error, std::generic_category(), "cannot " + what);
-}
-
-// Waits for `pid` and returns its exit status, or -signal.
-int reap(pid_t pid, const std::string& name) {
-  int status = 0;
-  if (mp::detail::retry_eintr([&] { return ::waitpid(pid, &status, 0); }) == -1) {
-    mp::throw_errno("wait for " + name);
+// fork() + exec of argv in a child with stdin from /dev/null, stdout and stderr into
+// `out_w`, a process group of its own, default signal handling, and SIGKILL when this
+// process dies (so a killed benchmark leaves no Python behind). A failed exec comes back
+// as an exception, through a close-on-exec pipe.
+pid_t start_child(const std::vector<std::string>& argv, int null_fd, int out_w) {
+  const std::string& name = argv.at(0);
+  // Everything the child needs is prepared here: between fork and exec it may only make
+  // async-signal-safe calls (another thread of ours may hold the allocator's lock).
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  int e[2];
+  if (::pipe2(e, O_CLOEXEC) == -1) mp::throw_errno("create a pipe to start " + name);
+  mp::detail::UniqueFd err_r{e[0]}, err_w{e[1]};
+  pid_t parent = ::getpid();
+  pid_t pid = ::fork();
+  if (pid == -1) mp::throw_errno("fork to start " + name);
+  if (pid == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(127);  // the parent died before prctl
+    ::setpgid(0, 0);
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    for (int sig = 1; sig < NSIG; ++sig) ::sigaction(sig, &dfl, nullptr);  // fails harmlessly
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    if (::dup2(null_fd, 0) != -1 && ::dup2(out_w, 1) != -1 && ::dup2(out_w, 2) != -1) {
+      ::execve(args[0], args.data(), environ);
+    }
+    int err = errno;
+    (void)!::write(err_w.get(), &err, sizeof err);
+    ::_exit(127);
   }
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
+  // Also from this side, so that the group exists before anyone signals it (the child may
+  // not have run yet; after its exec this fails harmlessly).
+  ::setpgid(pid, pid);
+  err_w.reset();
+  int err = 0;
+  ssize_t n = mp::detail::retry_eintr([&] { return ::read(err_r.get(), &err, sizeof err); });
+  if (n != 0) {  // exec failed (the child is exiting), or we cannot tell: stop it
+    if (n == -1) err = errno;
+    ::kill(pid, SIGKILL);
+    while (::waitpid(pid, nullptr, 0) == -1 && errno == EINTR) {
+    }
+    errno = n == static_cast<ssize_t>(sizeof err) || n == -1 ? err : EIO;
+    mp::throw_errno("start " + name);
+  }
+  return pid;
 }
 
 // The last line of `text` that is not empty, for error messages.
@@ -73,69 +128,38 @@ std::string last_line(const std::string& text) {
 
 Ran run_program(const std::vector<std::string>& argv, std::chrono::seconds limit) {
   const std::string& name = argv.at(0);
+  auto deadline = Clock::now() + limit;
   int p[2];
   if (::pipe2(p, O_CLOEXEC) == -1) mp::throw_errno("create a pipe for the output of " + name);
   mp::detail::UniqueFd out_r{p[0]}, out_w{p[1]};
   mp::detail::UniqueFd null{::open("/dev/null", O_RDONLY | O_CLOEXEC)};
   if (!null) mp::throw_errno("open /dev/null for " + name);
-
-  // The child: stdin from /dev/null, stdout and stderr into the pipe, its own process
-  // group (so that a timeout kills Python's children too), default signal handling.
-  SpawnSetup s;
-  check(::posix_spawn_file_actions_adddup2(&s.actions, null.get(), 0), "redirect stdin");
-  check(::posix_spawn_file_actions_adddup2(&s.actions, out_w.get(), 1), "redirect stdout");
-  check(::posix_spawn_file_actions_adddup2(&s.actions, out_w.get(), 2), "redirect stderr");
-  sigset_t none, all;
-  sigemptyset(&none);
-  sigfillset(&all);
-  check(::posix_spawnattr_setflags(
-            &s.attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF),
-        "set the spawn flags");
-  check(::posix_spawnattr_setpgroup(&s.attr, 0), "set the process group");
-  check(::posix_spawnattr_setsigmask(&s.attr, &none), "set the signal mask");
-  check(::posix_spawnattr_setsigdefault(&s.attr, &all), "set default signal actions");
-  std::vector<char*> args;
-  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-  args.push_back(nullptr);
-  pid_t pid = 0;
-  check(::posix_spawn(&pid, name.c_str(), &s.actions, &s.attr, args.data(), environ),
-        "start " + name);
+  ChildGuard child{start_child(argv, null.get(), out_w.get()), name};
   out_w.reset();  // only the child writes: end of file once it (and its children) are done
 
-  // Read until end of file or the deadline. On any failure the whole group is killed and
-  // our child reaped before the error goes up: nothing is left running.
-  auto stop_all = [&] {
-    int e = errno;
-    ::kill(-pid, SIGKILL);
-    reap(pid, name);
-    errno = e;
+  // Read until end of file, then wait for the child to end, all before the deadline.
+  auto out_of_time = [&] {
+    return std::runtime_error(
+        fmt::format("{} did not finish within {} s, so it was killed", name, limit.count()));
   };
   Ran ran;
-  auto deadline = Clock::now() + limit;
   char buf[4096];
   for (;;) {
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    if (left.count() <= 0) throw out_of_time();
     pollfd pfd{out_r.get(), POLLIN, 0};
-    int r = left.count() > 0 ? ::poll(&pfd, 1, static_cast<int>(left.count())) : 0;
+    int r = ::poll(&pfd, 1, static_cast<int>(left.count()));
     if (r == -1 && errno == EINTR) continue;
-    if (r == -1) {
-      stop_all();
-      mp::throw_errno("poll the output of " + name);
-    }
-    if (r == 0) {
-      stop_all();
-      throw std::runtime_error(
-          fmt::format("{} did not finish within {} s, so it was killed", name, limit.count()));
-    }
+    if (r == -1) mp::throw_errno("poll the output of " + name);
+    if (r == 0) continue;  // the deadline is checked above
     ssize_t n = mp::detail::retry_eintr([&] { return ::read(out_r.get(), buf, sizeof buf); });
-    if (n == -1) {
-      stop_all();
-      mp::throw_errno("read the output of " + name);
-    }
+    if (n == -1) mp::throw_errno("read the output of " + name);
     if (n == 0) break;
     ran.output.append(buf, static_cast<std::size_t>(n));
   }
-  ran.exit_code = reap(pid, name);
+  std::optional<int> code = child.wait_until(deadline);
+  if (!code) throw out_of_time();
+  ran.exit_code = *code;
   return ran;
 }
 
@@ -161,12 +185,25 @@ double run_python_workload(const std::string& python, const std::string& script,
                                              : fmt::format("signal {}", -ran.exit_code),
                                          last_line(ran.output)));
   }
-  // The report is the last line that is a JSON object.
-  std::string line = last_line(ran.output);
-  nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-  if (!j.is_object() || !j.contains("value") || !j["value"].is_number() || !j.contains("unit")) {
-    throw std::runtime_error(
-        fmt::format("python/{} printed no figure; its last line: {}", script, line));
+  // The report is the last line that is a JSON object with a figure; anything after it
+  // (a warning Python prints at exit, say) is ignored.
+  nlohmann::json j;
+  for (std::size_t end = ran.output.size(); end > 0 && j.is_null();) {
+    std::size_t begin = ran.output.rfind('\n', end - 1);
+    begin = begin == std::string::npos ? 0 : begin + 1;
+    std::string_view line(ran.output.data() + begin, end - begin);
+    if (!line.empty() && line.front() == '{') {
+      auto parsed = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (parsed.is_object() && parsed.contains("value") && parsed["value"].is_number() &&
+          parsed.contains("unit")) {
+        j = std::move(parsed);
+      }
+    }
+    end = begin == 0 ? 0 : begin - 1;
+  }
+  if (j.is_null()) {
+    throw std::runtime_error(fmt::format("python/{} printed no figure; its last line: {}", script,
+                                         last_line(ran.output)));
   }
   double value = j["value"].get<double>();
   if (j["unit"] != unit || !std::isfinite(value) || value <= 0) {

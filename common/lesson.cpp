@@ -1,6 +1,7 @@
 // common/lesson.cpp - the shared lesson harness (see lesson.hpp).
 #include "lesson.hpp"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -79,10 +80,18 @@ int Lesson::run(const std::function<bool()>& body) {
   return ok && error.empty() ? 0 : 1;
 }
 
+namespace {
+// A regular file we may execute (access() alone also accepts a directory).
+bool executable_file(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::access(path.c_str(), X_OK) == 0;
+}
+}  // namespace
+
 std::optional<std::string> find_program(std::string_view program) {
   if (program.find('/') != std::string_view::npos) {  // a path already: just check it
     std::string p{program};
-    if (::access(p.c_str(), X_OK) == 0) return p;
+    if (executable_file(p)) return p;
     return std::nullopt;
   }
   const char* path = std::getenv("PATH");
@@ -92,7 +101,7 @@ std::optional<std::string> find_program(std::string_view program) {
     std::string dir{dirs.substr(at, end - at)};
     if (!dir.empty()) {
       std::string candidate = dir + "/" + std::string{program};
-      if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+      if (executable_file(candidate)) return candidate;
     }
     at = end + 1;
   }

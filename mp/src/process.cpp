@@ -60,8 +60,10 @@ struct ChildState {
         if (exitcode_ || collect_locked()) return true;
       }
       if (!block) return false;
-      // Readable once the child has ended; the slice covers another thread having consumed
-      // a forkserver status meanwhile (the fd need not stay readable after that).
+      // Readable once the child has ended. The slice matters only when another thread
+      // consumed a forkserver child's status meanwhile and the status fd did not reach end
+      // of file (a copy of the server's end leaked into some other process): then we find
+      // the exit code on the next look instead of waiting for good.
       wait_readable(kReapSliceMs);
     }
   }
@@ -448,7 +450,9 @@ bool Process::join(Seconds timeout) {
     state_->reap(true);
     return true;
   }
-  if (!state_->wait_readable(static_cast<int>(ms))) return false;
+  // On a timeout, look once more: another thread may have collected the status meanwhile
+  // (a forkserver child's status fd need not stay readable after that).
+  if (!state_->wait_readable(static_cast<int>(ms))) return state_->reap(false);
   return state_->reap(true);
 }
 
