@@ -292,21 +292,24 @@ void send_wake(int fd) noexcept {
 }
 
 // How long a waiting side polls the shared block before it sleeps, in polls (each a CPU
-// pause, 10-50 ns). Adaptive per connection: a wait that ends while polling raises the
-// budget, one that has to sleep halves it. On an idle machine the answer comes within a
-// microsecond or two and both sides poll; on a busy one polling would steal the CPU the
-// other side needs, and the budget falls so that both sleep at once.
+// pause: 1 to ~65 ns depending on the CPU). Adaptive per connection: a wait that ends
+// while polling raises the budget, one that has to sleep halves it. On an idle machine the
+// answer comes within a microsecond or two and both sides poll; on a busy one polling
+// would steal the CPU the other side needs, and the budget falls so that both sleep at once.
 //
 // Halving alone has a trap: once both sides' budgets are small, each always finds the
 // other asleep (a sleeping peer takes tens of microseconds to wake), so neither wait ever
 // ends while polling and the budgets never grow again, even when the machine is idle and
 // polling would make every call sub-microsecond (measured: 0.26 us against 52 us a call,
-// bimodal from run to run). So one wait in kProbeEvery polls the full kMaxSpin: on an idle
-// machine that catches the answer and the budget recovers; on a busy one it costs at most
-// kMaxSpin pauses per kProbeEvery waits.
+// bimodal from run to run). So one wait in kProbeEvery polls for kProbeTime, longer than
+// a sleeping peer's wake-up on an idle virtual machine (13-25 us here): on an idle machine
+// that catches the other side awake and the budgets recover; on a busy one it costs at
+// most kProbeTime per kProbeEvery waits (about 3 us a wait). Bounded in time, not polls,
+// so that it means the same on every CPU.
 constexpr int kMinSpin = 4;
 constexpr int kMaxSpin = 1024;
 constexpr unsigned kProbeEvery = 16;
+constexpr auto kProbeTime = std::chrono::microseconds(50);
 
 struct SpinBudget {
   int polls = kMaxSpin;
@@ -318,8 +321,10 @@ struct SpinBudget {
 std::uint32_t await_state(ChannelHeader& ch, std::atomic<std::uint32_t>& parked, std::uint32_t a,
                           std::uint32_t b, int fd, FrameReader& reader, std::string& scratch,
                           SpinBudget& budget) {
-  int limit = ++budget.waits % kProbeEvery == 0 ? kMaxSpin : budget.polls;
-  for (int i = 0; i < limit; ++i) {
+  const bool probe = ++budget.waits % kProbeEvery == 0;
+  const auto probe_end = probe ? std::chrono::steady_clock::now() + kProbeTime
+                               : std::chrono::steady_clock::time_point{};
+  for (int i = 0; probe || i < budget.polls; ++i) {
     std::uint32_t s = ch.state.load(std::memory_order_acquire);
     if (s == a || s == b) {
       // Enough for this wait twice over, and never less than twice the old budget.
@@ -327,6 +332,7 @@ std::uint32_t await_state(ChannelHeader& ch, std::atomic<std::uint32_t>& parked,
       return s;
     }
     cpu_relax();
+    if (probe && (i & 63) == 63 && std::chrono::steady_clock::now() >= probe_end) break;
   }
   budget.polls = std::max(kMinSpin, budget.polls / 2);
   for (;;) {
