@@ -13,8 +13,10 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -71,8 +73,23 @@ int cmd_run(const std::string& id, const std::vector<std::string>& args) {
   return 1;
 }
 
-// How long a lesson may run in the tour before it is stopped (ctest allows the same).
+// How long a lesson may run in the tour before it is stopped (ctest allows the same), and
+// how long it then has to end after SIGTERM. PLAYGROUND_LESSON_TIMEOUT (seconds) changes
+// the limit, for slow machines.
 constexpr auto kLessonLimit = std::chrono::seconds(120);
+constexpr auto kGrace = std::chrono::seconds(2);
+
+// The limit: kLessonLimit, or PLAYGROUND_LESSON_TIMEOUT. Nothing when that is not a number
+// of seconds from 0 to 86400.
+std::optional<std::chrono::seconds> lesson_limit() {
+  const char* v = std::getenv("PLAYGROUND_LESSON_TIMEOUT");
+  if (!v) return kLessonLimit;
+  char* end = nullptr;
+  errno = 0;
+  long s = std::strtol(v, &end, 10);
+  if (errno != 0 || end == v || *end != '\0' || s < 0 || s > 86400) return std::nullopt;
+  return std::chrono::seconds(s);
+}
 
 // How a lesson run in the tour ended.
 struct Outcome {
@@ -80,10 +97,10 @@ struct Outcome {
   std::string why;  // when not ok: "exit status 1", "killed by signal 11", "timed out"...
 };
 
-// Runs a lesson with its output in `log`. A lesson still running after kLessonLimit gets
+// Runs a lesson with its output in `log`. A lesson still running after `limit` gets
 // SIGTERM, then SIGKILL; its children die with it (mp gives them a parent-death signal).
 // It stays in our process group, so that Ctrl-C reaches it too.
-Outcome run_logged(const LessonEntry& e, const std::string& log) {
+Outcome run_logged(const LessonEntry& e, const std::string& log, std::chrono::seconds limit) {
   std::string path = playground::lesson_path(e);
   auto fail = [&](const char* what, int err) {
     return Outcome{false, fmt::format("cannot {} for {}: {}", what, path, std::strerror(err))};
@@ -100,25 +117,30 @@ Outcome run_logged(const LessonEntry& e, const std::string& log) {
   posix_spawn_file_actions_destroy(&fa);
   if (rc != 0) return fail("start the lesson", rc);
 
-  // Wait, looking every 20 ms; past the limit, stop it. Until it is reaped its pid cannot
-  // be reused, so the signals cannot reach another process.
-  auto deadline = std::chrono::steady_clock::now() + kLessonLimit;
+  // Wait, looking every 20 ms. Past the limit: SIGTERM, and SIGKILL if it is still there
+  // after a grace period. Until it is reaped its pid cannot be reused, so the signals
+  // cannot reach another process.
+  using Clock = std::chrono::steady_clock;
+  auto deadline = Clock::now() + limit;
   bool timed_out = false;
+  bool killed = false;
   int status = 0;
   for (;;) {
-    pid_t r = ::waitpid(pid, &status, timed_out ? 0 : WNOHANG);
+    pid_t r = ::waitpid(pid, &status, WNOHANG);
     if (r == pid) break;
-    if (r == -1 && errno != EINTR) return fail("wait for the lesson", errno);
-    if (!timed_out && std::chrono::steady_clock::now() >= deadline) {
+    if (r == -1 && errno == EINTR) continue;
+    if (r == -1) return fail("wait for the lesson", errno);
+    if (!timed_out && Clock::now() >= deadline) {
       timed_out = true;
       ::kill(pid, SIGTERM);
-      std::this_thread::sleep_for(std::chrono::seconds(2));
-      ::kill(pid, SIGKILL);  // harmless if it has ended: it is a zombie until reaped
-      continue;
+      deadline = Clock::now() + kGrace;
+    } else if (timed_out && !killed && Clock::now() >= deadline) {
+      killed = true;
+      ::kill(pid, SIGKILL);
     }
-    if (!timed_out) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  if (timed_out) return {false, fmt::format("timed out after {} s", kLessonLimit.count())};
+  if (timed_out) return {false, fmt::format("timed out after {} s", limit.count())};
   if (WIFEXITED(status)) {
     if (WEXITSTATUS(status) == 0) return {true, ""};
     return {false, fmt::format("exit status {}", WEXITSTATUS(status))};
@@ -138,6 +160,13 @@ int cmd_tour(const std::string& filter) {
   for (const auto& e : catalogue()) {
     if (filter.empty() || e.id.find(filter) != std::string::npos) todo.push_back(&e);
   }
+  std::optional<std::chrono::seconds> found_limit = lesson_limit();
+  if (!found_limit) {
+    fmt::print(stderr,
+               "playground: PLAYGROUND_LESSON_TIMEOUT must be a number of seconds (0 to 86400)\n");
+    return 2;
+  }
+  std::chrono::seconds limit = *found_limit;
   if (todo.empty()) {
     fmt::print(stderr, "playground: no lesson matches '{}' (see ./playground list)\n", filter);
     return 2;
@@ -155,7 +184,7 @@ int cmd_tour(const std::string& filter) {
     std::string log = logdir + "/" + e.id.substr(0, e.id.find('/')) + "__" +
                       e.id.substr(e.id.find('/') + 1) + ".log";
     auto t0 = std::chrono::steady_clock::now();
-    Outcome outcome = run_logged(e, log);
+    Outcome outcome = run_logged(e, log, limit);
     double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (!tty) fmt::print("{}\n", outcome.ok ? "ok" : "FAILED (" + outcome.why + ")");
     rows.push_back({e.id, s, std::move(outcome), log});

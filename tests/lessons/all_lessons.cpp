@@ -67,6 +67,19 @@ TEST_CASE("launcher: tour runs the lessons its filter matches and ends with the 
     CHECK(r.exit_code == 0);
     CHECK_THAT(r.out, Catch::Contains("1/1 ok"));
   }
+  SECTION("a lesson past its time limit is stopped, and the table says so") {
+    // A limit of 0 s: the launcher's first look comes before any lesson can have finished.
+    auto r = testing::run({"/usr/bin/env", "PLAYGROUND_LESSON_TIMEOUT=0", launcher, "tour",
+                           "--filter", "0_basics/process_contexts"});
+    INFO(r.out << r.err);
+    CHECK(r.exit_code == 1);
+    CHECK_THAT(r.out, Catch::Contains("NO (timed out after 0 s)"));
+  }
+  SECTION("a bad time limit is a usage error") {
+    auto r = testing::run({"/usr/bin/env", "PLAYGROUND_LESSON_TIMEOUT=soon", launcher, "tour"});
+    CHECK(r.exit_code == 2);
+    CHECK(testing::count_lines(r.err) == 1);
+  }
   SECTION("a filter that matches nothing is a usage error") {
     auto r = testing::run({launcher, "tour", "--filter", "no/such_lesson"});
     CHECK(r.exit_code == 2);
