@@ -1,9 +1,9 @@
 // ipc_benchmark.cpp - What mp costs per process, message and lock, beside raw syscalls and Python.
 //
 // Each workload of DESIGN.md's table runs through mp, then by hand with bare system calls,
-// atomics and memcpy (the floor mp cannot beat), and with --compare-python through Python's
-// multiprocessing (the scripts in 6_performance/python), the three taking turns so that
-// they meet the same load. After one warm-up round, each runs --repeat times: the table
+// atomics and memcpy (the raw floor: the job written plainly, without mp's guarantees),
+// and with --compare-python through Python's multiprocessing (the scripts in
+// 6_performance/python), the three taking turns so that they meet the same load. After one warm-up round, each runs --repeat times: the table
 // gives the median (± half the range between min and max) and two cost ratios. On a shared,
 // noisy machine the ratios within one run mean more than any absolute figure.
 //

@@ -205,7 +205,8 @@ std::shared_ptr<SyncRegion> load_region(Archive& ar, std::size_t size, SyncKind 
 }
 
 // The standard Lockable and TimedLockable names over acquire/try_acquire/release, so that
-// std::lock_guard, std::unique_lock and std::scoped_lock work with Lock and RLock.
+// std::lock_guard, std::unique_lock and std::scoped_lock work with Lock, RLock, Semaphore
+// and Condition.
 template <class Derived>
 class LockableNames {
  public:
