@@ -417,7 +417,12 @@ std::string generate_name() {
 // "/x" for "x"; names keep their slash otherwise.
 std::string with_slash(std::string_view name) {
   if (!name.empty() && name.front() == '/') return std::string(name);
-  return "/" + std::string(name);
+  // Built by appending: GCC 12's -Wrestrict misfires on "/" + std::string (bug 105329).
+  std::string out;
+  out.reserve(name.size() + 1);
+  out += '/';
+  out += name;
+  return out;
 }
 
 void check_name(const std::string& name, std::string_view verb) {
