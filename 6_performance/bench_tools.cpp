@@ -214,6 +214,14 @@ double run_python_workload(const std::string& python, const std::string& script,
   return value;
 }
 
+std::string human(double v) {
+  if (v >= 1e9) return fmt::format("{:.3g} G", v / 1e9);
+  if (v >= 1e6) return fmt::format("{:.3g} M", v / 1e6);
+  if (v >= 1e4) return fmt::format("{:.3g} k", v / 1e3);
+  if (v >= 100) return fmt::format("{:.0f}", v);
+  return fmt::format("{:.3g}", v);
+}
+
 Spread spread_of(std::vector<double> runs) {
   if (runs.empty()) throw std::invalid_argument("cannot take the spread of no runs");
   std::sort(runs.begin(), runs.end());

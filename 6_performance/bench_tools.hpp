@@ -36,6 +36,9 @@ double run_python_workload(const std::string& python, const std::string& script,
                            const std::vector<std::string>& args, long n, const std::string& unit,
                            std::chrono::seconds limit = std::chrono::seconds(300));
 
+// A figure for a table: 12345678 -> "12.3 M", 45678 -> "45.7 k", 1234 -> "1234", 0.0291.
+std::string human(double v);
+
 // The spread of repeated measurements of one figure.
 struct Spread {
   double median = 0, min = 0, max = 0;

@@ -3,9 +3,10 @@
 // Each workload of DESIGN.md's table runs through mp, then by hand with bare system calls,
 // atomics and memcpy (the raw floor: the job written plainly, without mp's guarantees),
 // and with --compare-python through Python's multiprocessing (the scripts in
-// 6_performance/python), the three taking turns so that they meet the same load. After one warm-up round, each runs --repeat times: the table
-// gives the median (± half the range between min and max) and two cost ratios. On a shared,
-// noisy machine the ratios within one run mean more than any absolute figure.
+// 6_performance/python), the three taking turns so that they meet the same load. After one warm-up
+// round, each runs --repeat times: the table gives the median (± half the range between min and
+// max) and two cost ratios. On a shared, noisy machine the ratios within one run mean more than any
+// absolute figure.
 //
 // Usage: ipc_benchmark [--quick] [--filter REGEX] [--repeat N] [--compare-python] [--out DIR]
 //   $ build-release/6_performance/ipc_benchmark --compare-python --out build/bench
@@ -100,19 +101,10 @@ std::vector<Workload> all_workloads() {
   // clang-format on
 }
 
-// 12345678 -> "12.3 M".
-std::string human(double v) {
-  if (v >= 1e9) return fmt::format("{:.3g} G", v / 1e9);
-  if (v >= 1e6) return fmt::format("{:.3g} M", v / 1e6);
-  if (v >= 1e4) return fmt::format("{:.3g} k", v / 1e3);
-  if (v >= 100) return fmt::format("{:.0f}", v);
-  return fmt::format("{:.3g}", v);
-}
-
 // A median with its spread: "12.3 M ±4%" (half the range between min and max).
 std::string with_spread(const bench::Spread& s) {
   double half = (s.max - s.min) / 2 / s.median * 100;
-  return fmt::format("{} ±{:.0f}%", human(s.median), half);
+  return fmt::format("{} ±{:.0f}%", bench::human(s.median), half);
 }
 
 nlohmann::json to_json(const bench::Spread& s) {
@@ -133,16 +125,13 @@ struct Row {
 // rounds of mp, raw and Python (when `python` is given) in turn.
 Row measure(const Workload& w, long n, long py_n, int repeat,
             const std::optional<std::string>& python) {
-  auto py_run = [&](long size) {
-    return bench::run_python_workload(*python, w.py_script, w.py_args, size, w.unit);
-  };
   Row row{&w, {}, {}, {}, {}, 0, {}};
   std::vector<double> mine, floor, py;
   bool py_on = python.has_value();
   auto try_py = [&](long size, bool keep) {
     if (!py_on) return;
     try {
-      double v = py_run(size);
+      double v = bench::run_python_workload(*python, w.py_script, w.py_args, size, w.unit);
       if (keep) py.push_back(v);
     } catch (const std::exception& e) {
       row.py_error = e.what();

@@ -72,14 +72,6 @@ const std::vector<Job> kJobs = {
      "  side did. On a busy machine polling gives up sooner and the gap narrows."},
 };
 
-// 12345678 -> "12.3 M".
-std::string human(double v) {
-  if (v >= 1e6) return fmt::format("{:.3g} M", v / 1e6);
-  if (v >= 1e4) return fmt::format("{:.3g} k", v / 1e3);
-  if (v >= 100) return fmt::format("{:.0f}", v);
-  return fmt::format("{:.3g}", v);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -123,8 +115,8 @@ int main(int argc, char** argv) {
       }
       std::optional<double> speedup;
       if (theirs) speedup = bench::cost_ratio(*theirs, mine, job.unit);
-      L.say("{:<17} {:>14} {:>14}  {:<6} {:>12}", job.id, human(mine),
-            theirs ? human(*theirs) : "-", job.unit,
+      L.say("{:<17} {:>14} {:>14}  {:<6} {:>12}", job.id, bench::human(mine),
+            theirs ? bench::human(*theirs) : "-", job.unit,
             speedup ? fmt::format("{:.1f}x", *speedup) : "-");
       jobs[job.id] = {{"unit", job.unit},
                       {"mp", mine},
