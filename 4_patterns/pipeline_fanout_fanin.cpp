@@ -28,6 +28,7 @@
 #include <chrono>
 #include <cstdint>
 #include <map>
+#include <stdexcept>
 #include <mp/process.hpp>
 #include <mp/queue.hpp>
 #include <mp/shared_memory.hpp>
@@ -289,9 +290,15 @@ RunReport run_pipeline(const std::string& path, std::uint64_t limit, int workers
   mp::Process reader{read_stage, lines, b, path, limit, workers, cost};
   reader.start();
 
-  // Sample the queues' depths until the last stage is done.
+  // Sample the queues' depths until the last stage is done. A stage that fails would leave
+  // the ones after it waiting for markers that never come: stop at once instead (leaving
+  // this function by an exception terminates the other stages).
+  auto failed = [](mp::Process& p) { return !p.is_alive() && p.exitcode() != 0; };
   std::uint64_t samples = 0, sum[2] = {0, 0}, full[2] = {0, 0};
   while (aggregator.is_alive()) {
+    if (failed(reader) || std::any_of(transformers.begin(), transformers.end(), failed)) {
+      throw std::runtime_error("cannot run the pipeline: a stage failed (see its error above)");
+    }
     std::size_t d[2] = {lines.qsize(), results.qsize()};
     ++samples;
     for (int q = 0; q < 2; ++q) {
