@@ -1,4 +1,4 @@
-// pipeline_fanout_fanin.cpp - A three-stage pipeline of processes: fan-out to K workers, fan-in to one, end markers, order restored.
+// pipeline_fanout_fanin.cpp - Stages of processes: fan-out to K, fan-in to one, end markers, order.
 //
 // Stage 1 reads the lines of a text, stage 2 (K processes, the fan-out) counts the words of
 // each line, stage 3 (one process, the fan-in) folds the results into one output. Bounded
@@ -7,8 +7,8 @@
 // worker passes one on when it gets its own, and the aggregator ends after it has counted
 // K of them - so every stage ends by itself, however many processes it has. K workers
 // finish items out of order; with --ordered the aggregator puts them back in sequence
-// (a reorder buffer) and the output equals the serial pipeline's, byte for byte. The lesson
-// measures each stage's CPU per item and samples the depth of each queue, and names the
+// (a reorder buffer) and the output equals the serial pipeline's, result for result. The
+// lesson measures each stage's CPU per item, samples the depth of each queue, and names the
 // slowest stage: the one the items wait for.
 //
 // Usage: pipeline_fanout_fanin [--workers K] [--items N] [--ordered] [--input PATH]
@@ -28,10 +28,10 @@
 #include <chrono>
 #include <cstdint>
 #include <map>
-#include <stdexcept>
 #include <mp/process.hpp>
 #include <mp/queue.hpp>
 #include <mp/shared_memory.hpp>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -104,7 +104,8 @@ std::uint64_t thread_cpu_ns() {
 
 std::uint64_t now_ns() {
   return std::uint64_t(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count());
+      std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+          .count());
 }
 
 // Burns `us` microseconds of CPU: the stand-in for an expensive step (a parse, a filter).
@@ -174,8 +175,8 @@ struct Board {
 // ---- the stages ----------------------------------------------------------------------------
 
 // Stage 1: reads the input, puts its lines in order, then one end marker per worker.
-void read_stage(mp::Queue<Line> out, Board b, std::string path, std::uint64_t limit,
-                int workers, Cost cost) {
+void read_stage(mp::Queue<Line> out, Board b, std::string path, std::uint64_t limit, int workers,
+                Cost cost) {
   wordcount::Text text = wordcount::read_input(path);
   StageStats s;
   for (std::string_view line : lines_of(text.bytes, limit)) {
@@ -210,8 +211,7 @@ void transform_stage(mp::Queue<Line> in, mp::Queue<Result> out, Board b, int row
 
 // Stage 3: folds results until it has counted one end marker per worker. Ordered, it holds
 // early results back until every lower number has been folded.
-void aggregate_stage(mp::Queue<Result> in, Board b, int row, int workers, bool ordered,
-                     Cost cost) {
+void aggregate_stage(mp::Queue<Result> in, Board b, int row, int workers, bool ordered, Cost cost) {
   StageStats s;
   Output out;
   std::map<std::uint64_t, Result> waiting;  // the reorder buffer
@@ -367,8 +367,10 @@ nlohmann::json facts_of(const RunReport& r) {
           {"end_markers", r.out.end_markers},
           {"marker_items", r.out.marker_items},
           {"stages", stages},
-          {"depth_before_transform", {{"mean", r.depth[0].mean}, {"max", r.depth[0].max}, {"full", r.depth[0].full}}},
-          {"depth_before_aggregate", {{"mean", r.depth[1].mean}, {"max", r.depth[1].max}, {"full", r.depth[1].full}}},
+          {"depth_before_transform",
+           {{"mean", r.depth[0].mean}, {"max", r.depth[0].max}, {"full", r.depth[0].full}}},
+          {"depth_before_aggregate",
+           {{"mean", r.depth[1].mean}, {"max", r.depth[1].max}, {"full", r.depth[1].full}}},
           {"slowest_stage", kStageNames[r.slowest]},
           {"items_wait_before", kStageNames[r.waits_before]},
           {"clean_exit", r.clean_exit}};
@@ -393,8 +395,7 @@ void tell(const lesson::Lesson& L, const RunReport& r, std::size_t maxsize) {
 
 int main(int argc, char** argv) {
   lesson::Lesson L{MP_LESSON_ID,
-                   "A three-stage pipeline of processes: fan-out to K workers, fan-in to one, end "
-                   "markers, order restored."};
+                   "Stages of processes: fan-out to K, fan-in to one, end markers, order."};
   int& workers = L.add_workers(3, 64);
   int& items = L.add_items(3'000, 1, 10'000'000);
   bool ordered = false;
@@ -474,7 +475,8 @@ int main(int argc, char** argv) {
     L.fact("slow", slow);
     L.fact("cost_us", cost_us);
     L.fact("maxsize", maxsize);
-    L.fact("serial", nlohmann::json{{"items", serial.items}, {"words", serial.words}, {"seconds", serial_s}});
+    L.fact("serial",
+           nlohmann::json{{"items", serial.items}, {"words", serial.words}, {"seconds", serial_s}});
     L.fact("one_worker", facts_of(one));
     L.fact("fanout", facts_of(many));
     L.fact("one_worker_output_equals_serial", one_in_order);
@@ -484,7 +486,6 @@ int main(int argc, char** argv) {
     L.fact("everyone_ended", everyone_ended);
     L.fact("speedup_over_one_worker", one.seconds / many.seconds);
     L.fact("children_left", mp::active_children().size());
-    return one_in_order && same_items && (!ordered || same_output) && markers_ok &&
-           everyone_ended;
+    return one_in_order && same_items && (!ordered || same_output) && markers_ok && everyone_ended;
   });
 }

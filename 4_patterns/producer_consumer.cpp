@@ -1,4 +1,4 @@
-// producer_consumer.cpp - Producers and consumers over a bounded mp::Queue: backpressure, a clean end, exactly once, a consumer killed.
+// producer_consumer.cpp - A bounded queue between processes: backpressure, exactly once, a kill.
 //
 // Producers put numbered items into one queue bounded to --maxsize items; consumers take
 // them, work on each for a moment and record it. A full queue makes the producers wait
@@ -196,7 +196,8 @@ Run run_round(const Options& o, std::size_t maxsize, std::optional<std::uint64_t
   // Step B: while the producers run, sample the depth every 200 us (and kill, if asked).
   std::uint64_t samples = 0, depth_sum = 0, full = 0;
   auto producers_running = [&] {
-    return std::any_of(producers.begin(), producers.end(), [](mp::Process& p) { return p.is_alive(); });
+    return std::any_of(producers.begin(), producers.end(),
+                       [](mp::Process& p) { return p.is_alive(); });
   };
   // With a kill pending, keep looking until it is done (a tiny run may outpace it).
   while (producers_running() || (kill_at && !r.killed)) {
@@ -279,25 +280,30 @@ bool exactly_once(const Run& r) {
 }
 
 void report_backpressure(const lesson::Lesson& L, const Run& r, std::size_t maxsize) {
-  L.say("{} items in {:.3f} s; {} of {} puts found the queue full ({:.0f}%), blocked {:.3f} s "
-        "in all, the longest {:.2f} ms",
-        r.puts, r.seconds, r.blocked, r.puts, 100.0 * double(r.blocked) / double(r.puts),
-        r.blocked_s, r.longest_block_ms);
+  L.say(
+      "{} items in {:.3f} s; {} of {} puts found the queue full ({:.0f}%), blocked {:.3f} s "
+      "in all, the longest {:.2f} ms",
+      r.puts, r.seconds, r.blocked, r.puts, 100.0 * double(r.blocked) / double(r.puts), r.blocked_s,
+      r.longest_block_ms);
   if (maxsize != 0) {
-    L.say("queue depth while producing: mean {:.1f}, max {} (maxsize {}), full in {:.0f}% of "
-          "samples",
-          r.depth_mean, r.depth_max, maxsize, 100.0 * r.full_fraction);
+    L.say(
+        "queue depth while producing: mean {:.1f}, max {} (maxsize {}), full in {:.0f}% of "
+        "samples",
+        r.depth_mean, r.depth_max, maxsize, 100.0 * r.full_fraction);
   } else {
-    L.say("queue depth while producing: mean {:.1f}, max {} (no bound)", r.depth_mean,
-          r.depth_max);
+    L.say("queue depth while producing: mean {:.1f}, max {} (no bound)", r.depth_mean, r.depth_max);
   }
 }
 
 nlohmann::json backpressure_facts(const Run& r) {
-  return {{"seconds", r.seconds},           {"puts", r.puts},
-          {"blocked_puts", r.blocked},      {"blocked_seconds", r.blocked_s},
-          {"longest_block_ms", r.longest_block_ms}, {"depth_max", r.depth_max},
-          {"depth_mean", r.depth_mean},     {"full_fraction", r.full_fraction}};
+  return {{"seconds", r.seconds},
+          {"puts", r.puts},
+          {"blocked_puts", r.blocked},
+          {"blocked_seconds", r.blocked_s},
+          {"longest_block_ms", r.longest_block_ms},
+          {"depth_max", r.depth_max},
+          {"depth_mean", r.depth_mean},
+          {"full_fraction", r.full_fraction}};
 }
 
 nlohmann::json delivery_facts(const Run& r) {
@@ -316,8 +322,7 @@ nlohmann::json delivery_facts(const Run& r) {
 
 int main(int argc, char** argv) {
   lesson::Lesson L{MP_LESSON_ID,
-                   "Producers and consumers over a bounded mp::Queue: backpressure, a clean end, "
-                   "exactly once, a consumer killed."};
+                   "A bounded queue between processes: backpressure, exactly once, a kill."};
   Options o{2, 3, 10'000, 16, 20};
   auto& cli = L.cli();
   cli.add_option("--producers", o.producers, "number of producer processes")
@@ -348,10 +353,11 @@ int main(int argc, char** argv) {
     report_backpressure(L, bounded, maxsize);
     L.say("ended by {} sentinels; items per consumer: {}", o.consumers,
           fmt::join(bounded.per_consumer, ", "));
-    L.say("every item recorded exactly once: {} (counts per producer {}, checksums {}, "
-          "lost {}, twice {})",
-          exactly_once(bounded), bounded.counts_match ? "match" : "DIFFER",
-          bounded.checksums_match ? "match" : "DIFFER", bounded.lost, bounded.duplicated);
+    L.say(
+        "every item recorded exactly once: {} (counts per producer {}, checksums {}, "
+        "lost {}, twice {})",
+        exactly_once(bounded), bounded.counts_match ? "match" : "DIFFER",
+        bounded.checksums_match ? "match" : "DIFFER", bounded.lost, bounded.duplicated);
 
     // Step 2: the same without a bound. Nobody waits, and the backlog grows instead: in a
     // long run, memory is what the producers fill.
@@ -363,15 +369,14 @@ int main(int argc, char** argv) {
     // Step 3: one consumer is SIGKILLed somewhere in the middle, and a new one replaces it.
     std::mt19937_64 rng(seed);
     const std::uint64_t total = std::uint64_t(o.producers) * o.items;
-    const std::uint64_t kill_at =
-        std::max<std::uint64_t>(1, std::uniform_int_distribution<std::uint64_t>(
-                                       total * 3 / 10, total * 7 / 10)(rng));
+    const std::uint64_t kill_at = std::max<std::uint64_t>(
+        1, std::uniform_int_distribution<std::uint64_t>(total * 3 / 10, total * 7 / 10)(rng));
     L.step(fmt::format("consumer 0 is killed after about {} items, and replaced", kill_at));
     Run killed = run_round(o, maxsize, kill_at);
     bool held_was_lost = !killed.victim_held.empty() && killed.lost == 1 &&
                          killed.lost_items.front() == killed.victim_held;
-    L.say("the victim was {} after {} items were recorded", mp::describe_exitcode(killed.victim_exitcode),
-          killed.killed_after);
+    L.say("the victim was {} after {} items were recorded",
+          mp::describe_exitcode(killed.victim_exitcode), killed.killed_after);
     if (held_was_lost) {
       L.say("it was working on {}: that item is lost", killed.victim_held);
     } else if (killed.lost == 1 && killed.victim_held.empty()) {
@@ -382,16 +387,18 @@ int main(int argc, char** argv) {
     }
     L.say("recorded {} of {}: lost {}, recorded twice {}", killed.recorded, killed.puts,
           killed.lost, killed.duplicated);
-    L.say("the queue lost nothing: a death before get() takes an item leaves it to the next "
-          "consumer; once taken, it is the consumer's and dies with it. Getting it back takes "
-          "at-least-once delivery: a queue that redelivers what was taken and never "
-          "acknowledged.");
+    L.say(
+        "the queue lost nothing: a death before get() takes an item leaves it to the next "
+        "consumer; once taken, it is the consumer's and dies with it. Getting it back takes "
+        "at-least-once delivery: a queue that redelivers what was taken and never "
+        "acknowledged.");
 
     // The claims: exactly once without a kill; with one, nothing twice and at most the one
     // item the victim held lost; everybody ended.
-    bool bound_held = bounded.depth_max <= maxsize && (!killed.killed || killed.depth_max <= maxsize);
-    bool kill_accounted = killed.killed && killed.victim_exitcode == -9 &&
-                          killed.duplicated == 0 && killed.corrupt == 0 && killed.lost <= 1 &&
+    bool bound_held =
+        bounded.depth_max <= maxsize && (!killed.killed || killed.depth_max <= maxsize);
+    bool kill_accounted = killed.killed && killed.victim_exitcode == -9 && killed.duplicated == 0 &&
+                          killed.corrupt == 0 && killed.lost <= 1 &&
                           killed.recorded + killed.lost == killed.puts;
     bool none_left = mp::active_children().empty();
     L.say("\nexactly once without a kill: {}; the bound held: {}; the kill accounted for: {}",
@@ -407,15 +414,14 @@ int main(int argc, char** argv) {
     L.fact("unbounded", backpressure_facts(unbounded));
     L.facts()["unbounded"].update(delivery_facts(unbounded));
     L.fact("killed", delivery_facts(killed));
-    L.facts()["killed"].update(
-        nlohmann::json{{"killed", killed.killed},
-                       {"kill_at", kill_at},
-                       {"killed_after", killed.killed_after},
-                       {"victim_exitcode", killed.victim_exitcode},
-                       {"victim_held", killed.victim_held},
-                       {"victim_held_was_lost", held_was_lost},
-                       {"lost_items", killed.lost_items},
-                       {"puts", killed.puts}});
+    L.facts()["killed"].update(nlohmann::json{{"killed", killed.killed},
+                                              {"kill_at", kill_at},
+                                              {"killed_after", killed.killed_after},
+                                              {"victim_exitcode", killed.victim_exitcode},
+                                              {"victim_held", killed.victim_held},
+                                              {"victim_held_was_lost", held_was_lost},
+                                              {"lost_items", killed.lost_items},
+                                              {"puts", killed.puts}});
     L.fact("bound_held", bound_held);
     L.fact("kill_accounted", kill_accounted);
     L.fact("children_left", mp::active_children().size());

@@ -1,4 +1,4 @@
-// worker_pool_pattern.cpp - A task manager built from a JoinableQueue and worker processes, done right, beside mp::Pool.
+// worker_pool_pattern.cpp - A task manager on a JoinableQueue and workers, done right, beside Pool.
 //
 // A common home-made "process manager" (seed 004's ProcessManager) has workers that take
 // (id, task) pairs from one queue and put (id, result) pairs into another. Done naively it
@@ -255,7 +255,9 @@ class TaskManager {
   }
 
   // Figures for the story.
-  std::size_t routed() const noexcept { return routed_; }  // answers filed while waiting for another
+  std::size_t routed() const noexcept {
+    return routed_;
+  }  // answers filed while waiting for another
   std::size_t crashes() const noexcept { return crashes_; }
   std::size_t cancelled() const noexcept { return cancelled_; }
   std::size_t workers_started() const noexcept { return started_; }
@@ -278,7 +280,8 @@ class TaskManager {
   Entry& entry(std::uint64_t id) {
     auto it = ledger_.find(id);
     if (it == ledger_.end()) {
-      throw std::invalid_argument(fmt::format("cannot get the result of task {}: no such task", id));
+      throw std::invalid_argument(
+          fmt::format("cannot get the result of task {}: no such task", id));
     }
     return it->second;
   }
@@ -305,8 +308,8 @@ class TaskManager {
     if (out.ok) {
       answer(out.id, nullptr, out.value);
     } else {
-      answer(out.id, std::make_exception_ptr(
-                         mp::RemoteError(out.error_type, out.error_message, out.pid)));
+      answer(out.id,
+             std::make_exception_ptr(mp::RemoteError(out.error_type, out.error_message, out.pid)));
     }
   }
 
@@ -334,9 +337,9 @@ class TaskManager {
       ++crashes_;
       last_crash_ = {w.pid(), code < 0 ? -code : 0, code < 0 ? 0 : code};
       if (held != 0) {
-        answer(held - 1, std::make_exception_ptr(mp::WorkerLostError(
-                             w.pid(), last_crash_.signal, last_crash_.status,
-                             fmt::format("task {}", held - 1))));
+        answer(held - 1, std::make_exception_ptr(
+                             mp::WorkerLostError(w.pid(), last_crash_.signal, last_crash_.status,
+                                                 fmt::format("task {}", held - 1))));
         tasks_.task_done();  // the dead worker never will: keep the queue's count right
       } else {
         // It died between tasks - or in the instant after taking one and before announcing
@@ -407,8 +410,7 @@ std::int64_t requeueing_get_result(mp::Queue<std::pair<std::uint64_t, std::int64
 
 int main(int argc, char** argv) {
   lesson::Lesson L{MP_LESSON_ID,
-                   "A task manager built from a JoinableQueue and worker processes, done right, "
-                   "beside mp::Pool."};
+                   "A task manager on a JoinableQueue and workers, done right, beside Pool."};
   int& workers = L.add_workers(3, 64);
   int& items = L.add_items(24, 1, 2'000);
   L.parse(argc, argv);
@@ -432,19 +434,20 @@ int main(int argc, char** argv) {
 
     // Step 2: the TaskManager. Submit, then fetch in reverse order: the answers that come
     // first are filed by id, never put back.
-    L.step(fmt::format("TaskManager: {} workers, {} tasks, results fetched in reverse", workers,
-                       n));
+    L.step(
+        fmt::format("TaskManager: {} workers, {} tasks, results fetched in reverse", workers, n));
     Manager m{workers};
     auto first_pids = m.worker_pids();
     std::vector<Manager::Handle> handles;
-    for (std::uint64_t i = 1; i <= n; ++i) handles.push_back(m.submit(i, Job{Job::primes, limit(i)}));
+    for (std::uint64_t i = 1; i <= n; ++i)
+      handles.push_back(m.submit(i, Job{Job::primes, limit(i)}));
     bool results_match = true;
     for (std::uint64_t i = n; i >= 1; --i) {
       results_match = results_match && handles[i - 1].get() == count_primes(limit(i));
     }
     const std::size_t routed = m.routed();
-    L.say("all {} equal to the serial answers: {}; {} were filed while waiting for another",
-          n, results_match, routed);
+    L.say("all {} equal to the serial answers: {}; {} were filed while waiting for another", n,
+          results_match, routed);
 
     // Step 3: an exception in a task comes back as mp::RemoteError; the worker lives on.
     L.step("a task that throws");
@@ -509,8 +512,7 @@ int main(int argc, char** argv) {
           ++other;
         }
       }
-      L.say("{} tasks: {} done, {} cancelled - each has its answer", batch.size(), done,
-            cancelled);
+      L.say("{} tasks: {} done, {} cancelled - each has its answer", batch.size(), done, cancelled);
     }
 
     // Step 7: the same tasks through the TaskManager and through mp::Pool::apply_async.
@@ -530,7 +532,8 @@ int main(int argc, char** argv) {
       mp::Pool pool{workers};
       auto t0 = Clock::now();
       std::vector<mp::AsyncResult<std::int64_t>> rs;
-      for (std::uint64_t i = 1; i <= n; ++i) rs.push_back(pool.apply_async(run_job, Job{Job::primes, limit(i)}));
+      for (std::uint64_t i = 1; i <= n; ++i)
+        rs.push_back(pool.apply_async(run_job, Job{Job::primes, limit(i)}));
       for (auto& r : rs) by_pool.push_back(r.get());
       pool_s = lesson::seconds_since(t0);
       pool.close();
@@ -562,7 +565,7 @@ int main(int argc, char** argv) {
     L.fact("drained", drained);
     L.fact("unfinished_after_drain", m.unfinished_tasks());
     L.fact("cancel_batch", 4 * workers);
-    L.fact("cancel_done", done);      // chance: how many had started
+    L.fact("cancel_done", done);  // chance: how many had started
     L.fact("cancel_cancelled", cancelled);
     L.fact("all_answered", all_answered);
     L.fact("same_results_as_pool", same_results);

@@ -6,7 +6,6 @@
 // /mp-* in /dev/shm, and no process - this test adopts a lesson's orphans, so any child the
 // lesson failed to reap or stop would show up here.
 #include <catch2/catch.hpp>
-
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -58,8 +57,8 @@ TEST_CASE(
   auto work_us = GENERATE("20", "0");  // consumers slower than producers, then faster
   INFO("--work-us " << work_us);
   auto r = run_clean("4_patterns/producer_consumer",
-                     {"--producers", "3", "--consumers", "4", "--items", "3000", "--maxsize",
-                      "8", "--work-us", work_us, "--seed", "5"});
+                     {"--producers", "3", "--consumers", "4", "--items", "3000", "--maxsize", "8",
+                      "--work-us", work_us, "--seed", "5"});
   CHECK(r["producers"] == 3);
   CHECK(r["consumers"] == 4);
   for (const char* round : {"bounded", "unbounded"}) {
@@ -216,9 +215,9 @@ TEST_CASE("4_patterns/pipeline_fanout_fanin: the slowest stage is the one it nam
   // One stage does 1 ms of CPU per item more than the others: far beyond their own cost.
   auto slow = GENERATE("read", "transform", "aggregate");
   INFO("--slow " << slow);
-  auto r = run_clean("4_patterns/pipeline_fanout_fanin",
-                     {"--workers", "2", "--items", "60", "--ordered", "--slow", slow,
-                      "--cost-us", "1000"});
+  auto r = run_clean(
+      "4_patterns/pipeline_fanout_fanin",
+      {"--workers", "2", "--items", "60", "--ordered", "--slow", slow, "--cost-us", "1000"});
   CHECK(r["one_worker"]["slowest_stage"] == slow);
   CHECK(r["fanout"]["slowest_stage"] == slow);
   CHECK(r["output_equals_serial"] == true);
@@ -228,9 +227,9 @@ TEST_CASE("4_patterns/pipeline_fanout_fanin: a small file, fewer lines than aske
           "[lessons][4_patterns]") {
   auto dir = testing::scratch_dir("mp-lesson-pipeline");
   write_file(dir / "three.txt", "one line\nTwo lines\nthree, no newline");
-  auto r = run_clean("4_patterns/pipeline_fanout_fanin",
-                     {"--workers", "3", "--items", "100", "--ordered", "--input",
-                      (dir / "three.txt").string()});
+  auto r = run_clean(
+      "4_patterns/pipeline_fanout_fanin",
+      {"--workers", "3", "--items", "100", "--ordered", "--input", (dir / "three.txt").string()});
   CHECK(r["serial"]["items"] == 3);
   CHECK(r["serial"]["words"] == 7);
   CHECK(r["fanout"]["items"] == 3);
@@ -282,18 +281,29 @@ TEST_CASE(
     "[lessons][4_patterns]") {
   auto dir = testing::scratch_dir("mp-lesson-mapreduce");
   std::string long_words;
-  for (int i = 0; i < 40; ++i) long_words += i % 8 == 7 ? "supercalifragilisticexpialidocious\n"
-                                                        : "supercalifragilisticexpialidocious ";
+  for (int i = 0; i < 40; ++i)
+    long_words +=
+        i % 8 == 7 ? "supercalifragilisticexpialidocious\n" : "supercalifragilisticexpialidocious ";
   write_file(dir / "a" / "empty.txt", "");
   write_file(dir / "a" / "no_newline.txt", "Tail words END");  // must not join the next file
   write_file(dir / "a" / "unicode.txt", "Été ÉTÉ été straße STRASSE Жук жук naïve\n");
   write_file(dir / "b" / "crlf.txt", "one two\r\nthree one\r\n");
   write_file(dir / "b" / "nested" / "long.txt", long_words + "don't Don't DON'T 'quoted'\n");
   // By count, then by the words' bytes.
-  nlohmann::json want = nlohmann::json::array(
-      {{"supercalifragilisticexpialidocious", 40}, {"don't", 3}, {"été", 3}, {"one", 2},
-       {"жук", 2}, {"end", 1}, {"naïve", 1}, {"quoted", 1}, {"strasse", 1}, {"straße", 1},
-       {"tail", 1}, {"three", 1}, {"two", 1}, {"words", 1}});
+  nlohmann::json want = nlohmann::json::array({{"supercalifragilisticexpialidocious", 40},
+                                               {"don't", 3},
+                                               {"été", 3},
+                                               {"one", 2},
+                                               {"жук", 2},
+                                               {"end", 1},
+                                               {"naïve", 1},
+                                               {"quoted", 1},
+                                               {"strasse", 1},
+                                               {"straße", 1},
+                                               {"tail", 1},
+                                               {"three", 1},
+                                               {"two", 1},
+                                               {"words", 1}});
 
   // Many more chunks than words: almost every cut is first placed inside a word.
   auto chunks = GENERATE("1", "7", "300", "5000");
