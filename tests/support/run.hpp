@@ -22,6 +22,14 @@ RunResult run(const std::vector<std::string>& argv,
 // The number of lines in s (a last line without '\n' counts).
 int count_lines(const std::string& s);
 
+// Makes this process the reaper of its descendants' orphans (PR_SET_CHILD_SUBREAPER): a
+// program that run() starts and that exits leaving processes behind hands them to this
+// process, where no_children() sees them. Call it before run().
+void adopt_orphans();
+
+// True when this process has no child at all: none running, no zombie.
+bool no_children();
+
 }  // namespace testing
 
 #include <filesystem>
