@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <fstream>
 #include <iterator>
+#include <set>
 #include <stdexcept>
 
 namespace wordcount {
@@ -115,9 +116,15 @@ Text read_input(const std::filesystem::path& path) {
     if (it->is_regular_file(ec)) files.push_back(it->path());
   }
   if (ec) throw std::runtime_error("cannot read the folder " + path.string() + ": " + ec.message());
+  // A file reached twice (a symbolic link beside its target, as GPL -> GPL-3 in
+  // /usr/share/common-licenses) is read once: the text, not the directory, is counted.
   std::sort(files.begin(), files.end());
-  for (const auto& f : files) read_file(f, text.bytes);
-  text.files = files.size();
+  std::set<fs::path> seen;
+  for (const auto& f : files) {
+    if (!seen.insert(fs::weakly_canonical(f, ec)).second) continue;
+    read_file(f, text.bytes);
+    ++text.files;
+  }
   return text;
 }
 

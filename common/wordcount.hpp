@@ -31,8 +31,8 @@ namespace wordcount {
 using Counts = std::unordered_map<std::string, std::uint64_t>;
 
 // The input as one text: every regular file under `path` (the file itself, or a folder
-// read recursively, in sorted path order), each followed by a newline so that no word joins
-// two files. Throws std::runtime_error ("cannot read ...") when the path is missing or a
+// read recursively, in sorted path order, a file that two links reach read once), each
+// followed by a newline so that no word joins two files. Throws std::runtime_error ("cannot read ...") when the path is missing or a
 // file cannot be read.
 struct Text {
   std::string bytes;

@@ -84,6 +84,7 @@ TEST_CASE("wordcount: read_input reads a file or a folder, and refuses a missing
   std::ofstream(dir / "b.txt") << "two";  // no trailing newline: must not join "one"
   std::ofstream(dir / "sub" / "a.txt") << "one\n";
   std::ofstream(dir / "empty.txt");
+  std::filesystem::create_symlink("b.txt", dir / "link-to-b.txt");  // read once, not twice
   auto text = wordcount::read_input(dir);
   CHECK(text.files == 3);
   CHECK(wordcount::count(text.bytes) == Counts{{"one", 1}, {"two", 1}});
