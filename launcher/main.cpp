@@ -38,12 +38,26 @@ const LessonEntry* find_lesson(const std::string& id) {
   return nullptr;
 }
 
-std::vector<char*> make_argv(const std::string& path, const std::vector<std::string>& args) {
-  std::vector<char*> argv;
-  argv.push_back(const_cast<char*>(path.c_str()));
-  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-  argv.push_back(nullptr);
-  return argv;
+// A null-terminated array of pointers into `words`, for exec and posix_spawn.
+std::vector<char*> c_strings(const std::vector<std::string>& words) {
+  std::vector<char*> out;
+  for (const auto& w : words) out.push_back(const_cast<char*>(w.c_str()));
+  out.push_back(nullptr);
+  return out;
+}
+
+// How a lesson is started: the command (its runner first, if it has one) and the
+// environment (ours, plus the variables it needs that we do not set).
+struct Launch {
+  std::vector<std::string> argv;
+  std::vector<std::string> env;
+};
+
+Launch make_launch(const LessonEntry& e, const std::vector<std::string>& args) {
+  Launch l{playground::lesson_command(e, args), {}};
+  for (char** v = environ; *v; ++v) l.env.emplace_back(*v);
+  for (auto& kv : playground::lesson_env_additions(e)) l.env.push_back(std::move(kv));
+  return l;
 }
 
 int cmd_list() {
@@ -55,6 +69,11 @@ int cmd_list() {
       chapter = ch;
     }
     fmt::print("  {:<32} {}\n", e.id.substr(e.id.find('/') + 1), e.summary);
+    if (!e.runner.empty()) {  // say how run and tour start it: "mpirun -np 2 ..."
+      std::string how = e.runner[0].substr(e.runner[0].rfind('/') + 1);
+      for (std::size_t i = 1; i < e.runner.size(); ++i) how += " " + e.runner[i];
+      fmt::print("  {:<32} (run and tour start it with {})\n", "", how);
+    }
   }
   fmt::print("\nrun one with: ./playground run <chapter/lesson> [-- args]\n");
   return 0;
@@ -66,10 +85,11 @@ int cmd_run(const std::string& id, const std::vector<std::string>& args) {
     fmt::print(stderr, "playground: no lesson '{}' (see ./playground list)\n", id);
     return 2;
   }
-  std::string path = playground::lesson_path(*e);
-  auto argv = make_argv(path, args);
-  ::execv(path.c_str(), argv.data());
-  fmt::print(stderr, "playground: cannot run {}: {}\n", path, std::strerror(errno));
+  Launch l = make_launch(*e, args);
+  auto argv = c_strings(l.argv);
+  auto envp = c_strings(l.env);
+  ::execvpe(argv[0], argv.data(), envp.data());
+  fmt::print(stderr, "playground: cannot run {}: {}\n", l.argv[0], std::strerror(errno));
   return 1;
 }
 
@@ -97,9 +117,11 @@ struct Outcome {
   std::string why;  // when not ok: "exit status 1", "killed by signal 11", "timed out"...
 };
 
-// Runs a lesson with its output in `log`. A lesson still running after `limit` gets
-// SIGTERM, then SIGKILL; its children die with it (mp gives them a parent-death signal).
-// It stays in our process group, so that Ctrl-C reaches it too.
+// Runs a lesson (through its runner, if it has one) with its output in `log`. A lesson
+// still running after `limit` gets SIGTERM, then SIGKILL; its children die with it (mp
+// gives them a parent-death signal; mpirun passes SIGTERM on to its ranks, and the MPI
+// lesson's ranks die with their launcher). It stays in our process group, so that Ctrl-C
+// reaches it too.
 Outcome run_logged(const LessonEntry& e, const std::string& log, std::chrono::seconds limit) {
   std::string path = playground::lesson_path(e);
   auto fail = [&](const char* what, int err) {
@@ -111,9 +133,11 @@ Outcome run_logged(const LessonEntry& e, const std::string& log, std::chrono::se
                                             O_WRONLY | O_CREAT | O_TRUNC, 0644);
   if (rc == 0) rc = posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
   if (rc == 0) rc = posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-  auto argv = make_argv(path, e.args);
+  Launch l = make_launch(e, e.args);
+  auto argv = c_strings(l.argv);
+  auto envp = c_strings(l.env);
   pid_t pid = 0;
-  if (rc == 0) rc = ::posix_spawn(&pid, path.c_str(), &fa, nullptr, argv.data(), environ);
+  if (rc == 0) rc = ::posix_spawnp(&pid, argv[0], &fa, nullptr, argv.data(), envp.data());
   posix_spawn_file_actions_destroy(&fa);
   if (rc != 0) return fail("start the lesson", rc);
 

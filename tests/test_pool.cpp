@@ -21,6 +21,7 @@
 #include <mp/detail/region.hpp>
 #include <mp/pool.hpp>
 #include <mp/process.hpp>
+#include <mutex>
 #include <numeric>
 #include <random>
 #include <set>
@@ -343,6 +344,41 @@ TEST_CASE("pool: callbacks are called exactly once, in this process, before read
   pool.join();
   for (int i = 0; i < n; ++i) CHECK(ok[i].load() + bad[i].load() == 1);
   CHECK(wrong_thread.load() == 0);
+  expect_clean(guard);
+}
+
+// A task that never returns, for results that only terminate() can answer.
+int never_returns(int) {
+  for (;;) ::pause();
+}
+
+TEST_CASE("pool: in an error callback, std::current_exception() is the task's error", "[pool]") {
+  // What an event loop needs to rethrow the error, with its type, where it awaits the result.
+  testing::ShmGuard guard;
+  std::mutex m;
+  std::vector<std::exception_ptr> seen;  // recorded on the callback thread, checked here
+  auto record = [&](const std::exception&) {
+    std::lock_guard lock(m);
+    seen.push_back(std::current_exception());
+  };
+  {
+    mp::Pool pool{2};
+    pool.apply_async(fails_on_multiples_of_7, std::tuple{7}, {}, record).wait();
+    pool.apply_async(crash_at_7, std::tuple{7, 0}, {}, record).wait();
+    auto cancelled = pool.apply_async(never_returns, std::tuple{0}, {}, record);
+    pool.terminate();
+    cancelled.wait();
+  }
+  REQUIRE(seen.size() == 3);
+  for (const auto& e : seen) REQUIRE(e != nullptr);
+  CHECK_THROWS_AS(std::rethrow_exception(seen[0]), mp::RemoteError);
+  CHECK_THROWS_AS(std::rethrow_exception(seen[1]), mp::WorkerLostError);
+  CHECK_THROWS_AS(std::rethrow_exception(seen[2]), mp::CancelledError);
+  try {
+    std::rethrow_exception(seen[0]);
+  } catch (const mp::RemoteError& e) {
+    CHECK(e.message() == "bad value 7");
+  }
   expect_clean(guard);
 }
 

@@ -12,6 +12,18 @@ TEST_CASE("lessons: every lesson runs with its tour arguments and --json reports
   for (const auto& e : catalogue()) {
     DYNAMIC_SECTION(e.id) {
       testing::ShmGuard shm;
+      testing::run_lesson_json(e, e.args);  // as the tour runs it: through its runner, if any
+      CHECK(shm.leaked().empty());
+    }
+  }
+}
+
+TEST_CASE("lessons: a lesson with a runner also runs without it", "[lessons]") {
+  // An MPI lesson started as a plain program is one rank that does all the work.
+  for (const auto& e : catalogue()) {
+    if (e.runner.empty()) continue;
+    DYNAMIC_SECTION(e.id) {
+      testing::ShmGuard shm;
       testing::run_lesson_json(e.id, e.args);
       CHECK(shm.leaked().empty());
     }

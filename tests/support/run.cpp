@@ -123,10 +123,9 @@ bool is_png(const std::filesystem::path& p) {
   return f.gcount() == 8 && std::string(magic + 1, 3) == "PNG";
 }
 
-nlohmann::json run_lesson_json(const std::string& id, std::vector<std::string> args) {
-  args.insert(args.begin(), lesson_binary(id));
-  args.push_back("--json");
-  RunResult r = run(args);
+namespace {
+nlohmann::json checked_report(const std::string& id, const std::vector<std::string>& argv) {
+  RunResult r = run(argv);
   INFO(id << " stderr:\n" << r.err);
   REQUIRE_FALSE(r.timed_out);
   REQUIRE(count_lines(r.out) == 1);
@@ -136,6 +135,31 @@ nlohmann::json run_lesson_json(const std::string& id, std::vector<std::string> a
   REQUIRE(report.at("lesson") == id);
   REQUIRE(report.at("ok") == true);
   return report;
+}
+}  // namespace
+
+nlohmann::json run_lesson_json(const std::string& id, std::vector<std::string> args) {
+  args.insert(args.begin(), lesson_binary(id));
+  args.push_back("--json");
+  return checked_report(id, args);
+}
+
+std::vector<std::string> tour_command(const playground::LessonEntry& e,
+                                      const std::vector<std::string>& args) {
+  std::vector<std::string> argv;
+  auto added = playground::lesson_env_additions(e);
+  if (!added.empty()) {
+    argv.push_back("/usr/bin/env");
+    argv.insert(argv.end(), added.begin(), added.end());
+  }
+  auto command = playground::lesson_command(e, args);
+  argv.insert(argv.end(), command.begin(), command.end());
+  return argv;
+}
+
+nlohmann::json run_lesson_json(const playground::LessonEntry& e, std::vector<std::string> args) {
+  args.push_back("--json");
+  return checked_report(e.id, tour_command(e, args));
 }
 
 }  // namespace testing

@@ -35,11 +35,22 @@ bool no_children();
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "catalogue.hpp"
+
 namespace testing {
 
 // Runs build/<id> with args plus --json and returns the report. Fails the calling test
 // (Catch2 REQUIREs inside) unless it exits 0 with exactly one JSON object and ok == true.
 nlohmann::json run_lesson_json(const std::string& id, std::vector<std::string> args = {});
+
+// The command the tour runs for a lesson, with `args` instead of its tour arguments: its
+// runner (mpirun...) first, and before it the variables it needs that the environment does
+// not set (through /usr/bin/env).
+std::vector<std::string> tour_command(const playground::LessonEntry& e,
+                                      const std::vector<std::string>& args);
+
+// Runs a lesson as the tour does, with `args` plus --json; checks as run_lesson_json does.
+nlohmann::json run_lesson_json(const playground::LessonEntry& e, std::vector<std::string> args);
 
 // The path of a lesson binary: build/<chapter>/<name>.
 std::string lesson_binary(const std::string& id);

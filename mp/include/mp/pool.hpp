@@ -51,7 +51,9 @@
 //
 // Callbacks (callback, error_callback) are called exactly once per result, in this
 // process, on the pool's callback thread, before the result becomes ready(); they must not
-// wait for other results of the same pool or join it.
+// wait for other results of the same pool or join it. An error callback runs while the
+// error is being handled: std::current_exception() there is the error itself, to rethrow
+// elsewhere with its type (an event loop resuming the coroutine that awaits the result).
 #pragma once
 
 #include <fmt/format.h>
