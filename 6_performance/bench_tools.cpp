@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <fstream>
 #include <mp/detail/fd.hpp>
 #include <mp/error.hpp>
 #include <nlohmann/json.hpp>
@@ -212,6 +213,30 @@ double run_python_workload(const std::string& python, const std::string& script,
                     j["value"].dump(), j["unit"].dump(), unit));
   }
   return value;
+}
+
+std::filesystem::path gnuplot_png(const std::string& gnuplot, const std::filesystem::path& dir,
+                                  const std::string& name, const std::string& data,
+                                  const std::string& commands, int width, int height) {
+  auto dat = dir / (name + ".dat"), script = dir / (name + ".gp"), png = dir / (name + ".png");
+  auto write = [](const std::filesystem::path& path, const std::string& text) {
+    std::ofstream out(path);
+    out << text;
+    out.close();
+    if (!out) throw std::runtime_error(fmt::format("cannot write {}", path.string()));
+  };
+  write(dat, data);
+  write(script, fmt::format("set terminal png size {},{} noenhanced\n"
+                            "set output '{}'\n"
+                            "datafile = '{}'\n"
+                            "{}",
+                            width, height, png.string(), dat.string(), commands));
+  Ran ran = run_program({gnuplot, script.string()}, std::chrono::seconds(60));
+  if (ran.exit_code != 0) {
+    throw std::runtime_error(fmt::format("cannot draw {}: gnuplot failed: {}", png.string(),
+                                         last_line(ran.output)));
+  }
+  return png;
 }
 
 std::string human(double v) {

@@ -1,9 +1,10 @@
 // bench_tools.hpp - what the chapter's benchmarks share: running another program (python3,
-// gnuplot) with a time limit, the Python side of a workload, and the spread of repeated
-// runs.
+// gnuplot) with a time limit, the Python side of a workload, a gnuplot chart, and the
+// spread of repeated runs.
 #pragma once
 
 #include <chrono>
+#include <filesystem>
 #include <optional>
 #include <string>
 #include <vector>
@@ -35,6 +36,15 @@ std::string python_dir();
 double run_python_workload(const std::string& python, const std::string& script,
                            const std::vector<std::string>& args, long n, const std::string& unit,
                            std::chrono::seconds limit = std::chrono::seconds(300));
+
+// Draws DIR/<name>.png with gnuplot: writes `data` to DIR/<name>.dat and a script
+// DIR/<name>.gp that sets the PNG terminal (width x height), the output file and the
+// gnuplot variable `datafile` (the .dat's path), then runs `commands`, which plot from
+// datafile. Returns the PNG's path; throws std::runtime_error when a file cannot be
+// written or gnuplot fails (with its output).
+std::filesystem::path gnuplot_png(const std::string& gnuplot, const std::filesystem::path& dir,
+                                  const std::string& name, const std::string& data,
+                                  const std::string& commands, int width, int height);
 
 // A figure for a table: 12345678 -> "12.3 M", 45678 -> "45.7 k", 1234 -> "1234", 0.0291.
 std::string human(double v);

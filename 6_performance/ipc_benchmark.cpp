@@ -1,6 +1,6 @@
 // ipc_benchmark.cpp - What mp costs per process, message and lock, beside raw syscalls and Python.
 //
-// Each workload of DESIGN.md's table runs through mp, then by hand with bare system calls,
+// Each workload of the chapter README's table runs through mp, then by hand with bare system calls,
 // atomics and memcpy (the raw floor: the job written plainly, without mp's guarantees),
 // and with --compare-python through Python's multiprocessing (the scripts in
 // 6_performance/python), the three taking turns so that they meet the same load. After one warm-up
@@ -183,16 +183,10 @@ std::filesystem::path write_csv(const std::filesystem::path& dir, const std::vec
 // speedup per workload on a log scale above, mp/raw below.
 std::filesystem::path draw_chart(const std::filesystem::path& dir, const std::vector<Row>& rows,
                                  const std::string& gnuplot, const std::string& title) {
-  auto data = dir / "ipc_benchmark.dat", script = dir / "ipc_benchmark.gp",
-       png = dir / "ipc_benchmark.png";
-  {
-    std::ofstream out(data);
-    out << "# workload mp_over_raw python_over_mp (NaN: not measured)\n";
-    for (const auto& r : rows) {
-      out << fmt::format("{} {:.4g} {}\n", r.w->id, r.mp_over_raw,
-                         r.py_over_mp ? fmt::format("{:.4g}", *r.py_over_mp) : "NaN");
-    }
-    if (!out) throw std::runtime_error(fmt::format("cannot write {}", data.string()));
+  std::string data = "# workload mp_over_raw python_over_mp (NaN: not measured)\n";
+  for (const auto& r : rows) {
+    data += fmt::format("{} {:.4g} {}\n", r.w->id, r.mp_over_raw,
+                        r.py_over_mp ? fmt::format("{:.4g}", *r.py_over_mp) : "NaN");
   }
   // Two panels when there are Python figures, else the mp/raw one alone.
   bool with_python =
@@ -200,44 +194,33 @@ std::filesystem::path draw_chart(const std::filesystem::path& dir, const std::ve
   auto panel = [&](int column, const char* name, const char* colour, const char* heading) {
     return fmt::format(
         "set title \"{heading}\"\n"
-        "plot '{data}' using {c}:xtic(1) title '{name}' lc rgb '{colour}', "
+        "plot datafile using {c}:xtic(1) title '{name}' lc rgb '{colour}', "
         "'' using 0:{c}:(sprintf('%.3g', ${c})) with labels offset 0,0.7 notitle, "
         "1 with lines dt 2 lc rgb 'black' notitle\n",
-        fmt::arg("heading", heading), fmt::arg("data", data.string()), fmt::arg("c", column),
-        fmt::arg("name", name), fmt::arg("colour", colour));
+        fmt::arg("heading", heading), fmt::arg("c", column), fmt::arg("name", name),
+        fmt::arg("colour", colour));
   };
-  {
-    std::ofstream out(script);
-    out << fmt::format(
-        "set terminal png size 1000,{height} noenhanced\n"
-        "set output '{png}'\n"
-        "set style data histograms\n"
-        "set style histogram clustered gap 1\n"
-        "set style fill solid 0.8 border -1\n"
-        "set boxwidth 0.8\n"
-        "set logscale y\n"
-        "set grid ytics\n"
-        "set key top left\n"
-        "set xtics rotate by -35 scale 0 font ',9'\n"
-        "set bmargin 6\n"
-        "set multiplot layout {panels},1 title '{title}'\n",
-        fmt::arg("height", with_python ? 900 : 480), fmt::arg("png", png.string()),
-        fmt::arg("panels", with_python ? 2 : 1), fmt::arg("title", title));
-    if (with_python) {
-      out << panel(3, "python/mp", "#2b6ca3",
-                   "Python's cost / mp's: how many times faster mp is (log scale)");
-    }
-    out << panel(2, "mp/raw", "#c8642d",
-                 "mp's cost / the raw floor's: 1 = as fast as bare system calls (log scale)");
-    out << "unset multiplot\n";
-    if (!out) throw std::runtime_error(fmt::format("cannot write {}", script.string()));
+  std::string commands = fmt::format(
+      "set style data histograms\n"
+      "set style histogram clustered gap 1\n"
+      "set style fill solid 0.8 border -1\n"
+      "set boxwidth 0.8\n"
+      "set logscale y\n"
+      "set grid ytics\n"
+      "set key top left\n"
+      "set xtics rotate by -35 scale 0 font ',9'\n"
+      "set bmargin 6\n"
+      "set multiplot layout {panels},1 title '{title}'\n",
+      fmt::arg("panels", with_python ? 2 : 1), fmt::arg("title", title));
+  if (with_python) {
+    commands += panel(3, "python/mp", "#2b6ca3",
+                      "Python's cost / mp's: how many times faster mp is (log scale)");
   }
-  bench::Ran ran = bench::run_program({gnuplot, script.string()}, std::chrono::seconds(60));
-  if (ran.exit_code != 0) {
-    throw std::runtime_error(
-        fmt::format("cannot draw {}: gnuplot failed: {}", png.string(), ran.output));
-  }
-  return png;
+  commands += panel(2, "mp/raw", "#c8642d",
+                    "mp's cost / the raw floor's: 1 = as fast as bare system calls (log scale)");
+  commands += "unset multiplot\n";
+  return bench::gnuplot_png(gnuplot, dir, "ipc_benchmark", data, commands, 1000,
+                            with_python ? 900 : 480);
 }
 
 }  // namespace

@@ -207,3 +207,90 @@ TEST_CASE("6_performance/python_comparison: without python3 it says so and still
     CHECK(job["speedup"].is_null());
   }
 }
+
+TEST_CASE("6_performance/cpu_vs_io_bound: every row equals serial, waits overlap past the cores",
+          "[lessons][6_performance]") {
+  auto r = testing::run_lesson_json("6_performance/cpu_vs_io_bound", {"--quick"});
+  int cores = r["cores"];
+  REQUIRE(cores >= 1);
+  std::vector<int> expected{1, 2, 4, 2 * cores};
+  std::sort(expected.begin(), expected.end());
+  expected.erase(std::unique(expected.begin(), expected.end()), expected.end());
+  CHECK(r["workers"].get<std::vector<int>>() == expected);
+  CHECK(r["tasks"].get<int>() == 2 * std::max(4, 2 * cores));
+  CHECK(r["results_equal_serial"] == true);
+
+  // Each kind: one serial row, then a pool and a threads row per worker count, with the
+  // speed-up and efficiency their definitions give.
+  const auto& rows = r["rows"];
+  REQUIRE(rows.size() == 2 * (1 + 2 * expected.size()));
+  double sxy = 0, sxx = 0, io_best = 0;
+  for (const char* kind : {"cpu", "io"}) {
+    double serial = 0;
+    std::size_t seen = 0;
+    for (const auto& row : rows) {
+      if (row["kind"] != kind) continue;
+      INFO(row.dump());
+      CHECK(row["equal_serial"] == true);
+      double s = row["seconds"];
+      CHECK(s > 0);
+      if (row["how"] == "serial") {
+        serial = s;
+        continue;
+      }
+      REQUIRE(serial > 0);  // the serial row comes first
+      ++seen;
+      int n = row["workers"];
+      double speedup = row["speedup"];
+      CHECK(speedup == Approx(serial / s));
+      CHECK(row["efficiency"].get<double>() == Approx(speedup / n));
+      int p = std::min(n, cores);
+      if (std::string(kind) == "cpu" && p > 1) {
+        CHECK(row["serial_fraction"].get<double>() ==
+              Approx((1 / speedup - 1.0 / p) / (1 - 1.0 / p)));
+        if (row["how"] == "pool") {
+          sxy += (1 - 1.0 / p) * (1 / speedup - 1.0 / p);
+          sxx += (1 - 1.0 / p) * (1 - 1.0 / p);
+        }
+      } else {
+        CHECK(row["serial_fraction"].is_null());
+      }
+      if (std::string(kind) == "io" && row["how"] == "pool") io_best = std::max(io_best, speedup);
+    }
+    CHECK(seen == 2 * expected.size());
+  }
+  if (cores > 1) {
+    CHECK(r["amdahl_serial_fraction"].get<double>() == Approx(sxy / sxx));
+  } else {
+    CHECK(r["amdahl_serial_fraction"].is_null());
+  }
+  // A wait holds no core: with 2 x cores workers the waits overlap past the core count.
+  CHECK(r["io_best_speedup"].get<double>() == Approx(io_best));
+  CHECK(io_best > cores);
+  CHECK(r["io_speedup_exceeds_cores"] == true);
+}
+
+TEST_CASE("6_performance/cpu_vs_io_bound: --out writes the chart", "[lessons][6_performance]") {
+  auto dir = testing::scratch_dir("mp-cpu-io-out");
+  std::filesystem::remove_all(dir);
+  auto r = testing::run_lesson_json("6_performance/cpu_vs_io_bound",
+                                    {"--quick", "--rounds", "1", "--out", dir.string()});
+  // gnuplot-nox is installed by scripts/install-deps.
+  CHECK(r["chart"] == (dir / "cpu_vs_io_bound.png").string());
+  CHECK(testing::is_png(dir / "cpu_vs_io_bound.png"));
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("6_performance/cpu_vs_io_bound: bad options are usage errors",
+          "[lessons][6_performance]") {
+  auto bin = testing::lesson_binary("6_performance/cpu_vs_io_bound");
+  for (std::vector<std::string> args : {std::vector<std::string>{"--rounds", "0"},
+                                        {"--cpu-ms", "0"},
+                                        {"--wait-ms", "x"}}) {
+    args.insert(args.begin(), bin);
+    auto r = testing::run(args);
+    INFO(args[1] << " " << args[2] << ": " << r.err);
+    CHECK(r.exit_code == 2);
+    CHECK(testing::count_lines(r.err) == 1);
+  }
+}
