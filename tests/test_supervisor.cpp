@@ -2,6 +2,8 @@
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <mp/monitor.hpp>
+#include <mp/queue.hpp>
+#include <sys/wait.h>
 #include <mp/shared_memory.hpp>
 #include <mp/supervisor.hpp>
 #include <mp/sync.hpp>
@@ -32,6 +34,21 @@ struct Log {
 };
 
 mp::Context fork_ctx() { return mp::get_context("fork"); }
+
+// A process running a supervisor of two children; it reports their pids, then waits to be
+// killed.
+void supervising(mp::Queue<int> pids, mp::Event never) {
+  mp::Supervisor sup;
+  for (const char* n : {"x", "y"}) {
+    sup.add({.name = n, .make = [never](const mp::Heartbeat&) {
+               return mp::Process{mp::get_context("fork"), wait_for, never};
+             }});
+  }
+  sup.start();
+  pids.put(*sup.pid("x"));
+  pids.put(*sup.pid("y"));
+  never.wait();
+}
 
 bool eventually(auto pred) {
   for (int i = 0; i < 60000; ++i) {
@@ -123,4 +140,25 @@ TEST_CASE("supervisor: stop() stops the children in reverse order, none left", "
   CHECK(log.of(mp::SupervisorEvent::Kind::started) == std::vector<std::string>{"a", "b", "c"});
   CHECK(log.of(mp::SupervisorEvent::Kind::stopped) == std::vector<std::string>{"c", "b", "a"});
   for (pid_t p : pids) CHECK_FALSE(mp::pid_exists(p));
+}
+
+TEST_CASE("supervisor: SIGKILL to the supervisor's process takes its children", "[supervisor]") {
+  mp::Queue<int> pids;
+  mp::Event never;
+  mp::Process host{fork_ctx(), supervising, pids, never};
+  host.start();
+  pid_t x = pids.get(60s), y = pids.get(60s);
+  CHECK(mp::process_stats(x).ppid == host.pid());
+  host.kill();
+  host.join();
+  CHECK(host.exitcode() == -9);
+  // Gone, or (if this process is their subreaper) a zombie of ours to reap.
+  for (pid_t p : {x, y}) {
+    CHECK(eventually([&] {
+      if (!mp::pid_exists(p)) return true;
+      if (mp::process_stats(p).state != 'Z') return false;
+      if (mp::process_stats(p).ppid == ::getpid()) ::waitpid(p, nullptr, 0);
+      return true;
+    }));
+  }
 }

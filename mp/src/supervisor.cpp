@@ -178,8 +178,8 @@ struct Supervisor::Impl {
           "stopped",
           c.spec.name, restart_times.size(), options.max_seconds.count(), options.max_restarts);
       stop_all("supervisor gave up");
+      emit({SupervisorEvent::Kind::gave_up, {}, 0, 0, 0, why});  // before wait() returns
       set_state(State::gave_up, why);
-      emit({SupervisorEvent::Kind::gave_up, {}, 0, 0, 0, why});
       return false;
     }
 
