@@ -85,7 +85,7 @@ TEST_CASE("monitor: RSS, threads and state agree with ps for a paused child", "[
 
   CHECK(s.pid == child.pid());
   CHECK(s.ppid == ::getpid());
-  CHECK(s.threads == 4);
+  CHECK(s.threads >= 4);  // its 4, plus any a sanitizer runtime adds (TSan does)
   CHECK(row.nlwp == s.threads);
   CHECK(s.state == 'S');
   CHECK(s.status() == "sleeping");
