@@ -21,6 +21,12 @@ void wait_for(mp::Event go) { go.wait(); }
 void never_beats(mp::Event go) { go.wait(); }
 // Fails on its first run, succeeds after.
 int fail_once(mp::RawValue<int> runs) { return ++runs.value() == 1 ? 1 : 0; }
+// Touches 64 MiB, then waits: a leak that a memory predicate must catch.
+void hog(mp::Event go) {
+  std::vector<char> block(64u << 20, 1);
+  go.wait();
+  block[0] = 0;  // keep the block alive until the end
+}
 
 struct Log {
   std::mutex m;
@@ -161,4 +167,50 @@ TEST_CASE("supervisor: SIGKILL to the supervisor's process takes its children", 
       return true;
     }));
   }
+}
+
+TEST_CASE("supervisor: an unhealthy predicate over the child's readings restarts it",
+          "[supervisor]") {
+  Log log;
+  mp::Event go;  // never set: only the predicate ends the hog
+  mp::Supervisor sup{{.max_restarts = 2, .max_seconds = 60s,
+                      .check_interval = 10ms,
+                      .on_event = [&](const mp::SupervisorEvent& e) {
+                        std::lock_guard g{log.m};
+                        log.events.push_back(e);
+                      }}};
+  sup.add({.name = "hog",
+           .make = [go](const mp::Heartbeat&) { return mp::Process{fork_ctx(), hog, go}; },
+           .shutdown_grace = 1s,
+           .unhealthy = [](const mp::ProcessStats& s) { return s.memory.rss > (32u << 20); }});
+  sup.start();
+  sup.wait();
+  // Every run leaks past the limit: found unhealthy 3 times, restarted twice, then given up.
+  CHECK(sup.state() == mp::Supervisor::State::gave_up);
+  CHECK(sup.restarts("hog") == 2);
+  CHECK(log.of(mp::SupervisorEvent::Kind::unhealthy).size() == 3);
+  CHECK(log.of(mp::SupervisorEvent::Kind::started).size() == 3);
+}
+
+TEST_CASE("supervisor: backoff delays each restart at least as asked, doubling",
+          "[supervisor]") {
+  // A lower bound, not a speed threshold: the supervisor must not restart sooner.
+  std::mutex m;
+  std::vector<std::chrono::steady_clock::time_point> starts, exits;
+  mp::Supervisor sup{{.max_restarts = 2, .max_seconds = 60s, .backoff = 50ms,
+                      .on_event = [&](const mp::SupervisorEvent& e) {
+                        std::lock_guard g{m};
+                        auto now = std::chrono::steady_clock::now();
+                        if (e.kind == mp::SupervisorEvent::Kind::started) starts.push_back(now);
+                        if (e.kind == mp::SupervisorEvent::Kind::exited) exits.push_back(now);
+                      }}};
+  sup.add({.name = "crasher", .make = [](const mp::Heartbeat&) { return mp::Process{fork_ctx(), crash}; }});
+  sup.start();
+  sup.wait();
+  CHECK(sup.state() == mp::Supervisor::State::gave_up);
+  std::lock_guard g{m};
+  REQUIRE(starts.size() == 3);
+  REQUIRE(exits.size() >= 2);
+  CHECK(starts[1] - exits[0] >= 50ms);   // the first restart waits the backoff
+  CHECK(starts[2] - exits[1] >= 100ms);  // the second, twice as long
 }
