@@ -40,3 +40,24 @@ TEST_CASE("5_advanced/robust_lock: the holder is killed, the lock is recovered, 
   CHECK(r["balance_exact"] == true);
   CHECK(r["lock_free_at_end"] == true);
 }
+
+TEST_CASE("5_advanced/health_check_restart: each bad worker restarted by the check that caught it",
+          "[lessons][5_advanced]") {
+  auto r = testing::run_lesson_json("5_advanced/health_check_restart");
+  // flaky segfaults twice, hanger stops beating once, leaker outgrows the RSS limit once.
+  CHECK(r["restarts"] == nlohmann::json{{"flaky", 2}, {"hanger", 1}, {"leaker", 1}});
+  CHECK(r["runs"] == nlohmann::json{{"flaky", 3}, {"hanger", 2}, {"leaker", 2}});
+  CHECK(r["hanger_unhealthy"] == 1);  // by its heartbeat
+  CHECK(r["leaker_unhealthy"] == 1);  // by the predicate over its readings
+  CHECK(r["finished"] == true);       // then every worker did its work and exited 0
+  // The crash loop: exactly max_restarts restarts, then the give-up, with the reason.
+  CHECK(r["crash_loop_restarts"] == r["max_restarts"]);
+  CHECK(r["gave_up"] == true);
+  CHECK(r["gave_up_reason"].get<std::string>().find("crash_loop") != std::string::npos);
+  CHECK(r["children_left"] == 0);
+}
+
+TEST_CASE("5_advanced/health_check_restart: a bad flag is a usage error", "[lessons][5_advanced]") {
+  auto r = testing::run({testing::lesson_binary("5_advanced/health_check_restart"), "--timeout-ms", "5"});
+  CHECK(r.exit_code == 2);
+}
