@@ -13,6 +13,8 @@
 #include <mp/detail/child.hpp>
 #include <mp/detail/pidfd.hpp>
 #include <mp/process.hpp>
+#include <mp/shared_memory.hpp>
+#include <mp/sync.hpp>
 #include <string>
 #include <thread>
 #include <vector>
@@ -56,6 +58,13 @@ int crash() {
   return 0;
 }
 int add(int a, int b) { return a + b; }
+
+// Counts for ever in shared memory; says so once it has started.
+void count_forever(mp::RawValue<std::uint64_t> n, mp::Event started) {
+  ++n.value();
+  started.set();
+  for (;;) ++n.value();
+}
 pid_t server_pid_after_start(std::string method) {
   mp::Process p{mp::get_context(method), add, 1, 2};
   p.start();
@@ -236,4 +245,32 @@ TEST_CASE("serialize: numbers and plain structs are copied as bytes; handles go 
   CHECK(q.b == 7.5);
   CHECK_THROWS_AS(mp::loads<int>(std::string(3, 'x')), mp::SerializationError);
   CHECK_THROWS_AS(mp::loads<int>(std::string(5, 'x')), mp::SerializationError);
+}
+
+TEST_CASE("context: a forkserver child has ended when join() returns after the server was "
+          "SIGKILLed", "[context]") {
+  // The server's descriptors close before its children receive their parent-death signal:
+  // join() must wait for the child itself (its pidfd), not for the channel's end of file.
+  // A counter that still moves after join() returned would mean the child ran on.
+  for (int trial = 0; trial < 30; ++trial) {
+    INFO("trial " << trial);
+    mp::RawValue<std::uint64_t> n{0};
+    mp::Event started;
+    mp::Process p{mp::get_context("forkserver"), count_forever, n, started};
+    p.start();
+    REQUIRE(started.wait(60s));
+    pid_t server = mp::detail::forkserver_pid();
+    REQUIRE(server > 0);
+    REQUIRE(::kill(server, SIGKILL) == 0);
+    p.join();
+    CHECK(p.exitcode() == -SIGKILL);
+    std::uint64_t after_join = n.value();
+    std::this_thread::sleep_for(5ms);
+    CHECK(n.value() == after_join);  // dead means dead: nothing counts any more
+  }
+  // The next forkserver start brings up a new server transparently.
+  mp::Process good{mp::get_context("forkserver"), add, 40, 2};
+  good.start();
+  good.join();
+  CHECK(good.exitcode() == 42);
 }

@@ -37,7 +37,11 @@ struct ChildState {
   UniqueFd pidfd;      // signals; waitid() when it is our own child
   UniqueFd status_fd;  // forkserver children: the server sends the exit code here
 
-  int sentinel() const noexcept { return status_fd ? status_fd.get() : pidfd.get(); }
+  // The child's own pidfd, for every start method: it becomes readable when the child has
+  // ended, and only then. (A forkserver child's status channel also reaches end of file
+  // when the server dies, while the child may still be running until its parent-death
+  // signal lands: that is no proof of its death.)
+  int sentinel() const noexcept { return pidfd.get(); }
 
   // The exit code once the child has been reaped (by any thread).
   std::optional<int> known_exitcode() const {
@@ -64,8 +68,20 @@ struct ChildState {
       // consumed a forkserver child's status meanwhile and the status fd did not reach end
       // of file (a copy of the server's end leaked into some other process): then we find
       // the exit code on the next look instead of waiting for good.
-      wait_readable(kReapSliceMs);
+      if (status_fd && wait_readable(0)) {
+        poll_one(status_fd.get(), kReapSliceMs);  // ended: wait for the server's report
+      } else {
+        wait_readable(kReapSliceMs);
+      }
     }
+  }
+
+  // Whether fd is readable within timeout_ms (0: now). EINTR counts as not yet.
+  bool poll_one(int fd, int timeout_ms) const {
+    pollfd p{fd, POLLIN, 0};
+    int r = ::poll(&p, 1, timeout_ms);
+    if (r == -1 && errno != EINTR) throw_errno(fmt::format("poll the status of process {}", pid));
+    return r > 0;
   }
 
   // Waits up to timeout_ms (negative: forever) for the child to end, without reaping.
@@ -105,7 +121,10 @@ struct ChildState {
   // Collects the exit status if the child has ended, without waiting. Caller holds mutex_.
   bool collect_locked() {
     if (status_fd) {
-      if (!wait_readable(0)) return false;
+      if (!wait_readable(0)) return false;  // the pidfd: the child itself has not ended
+      // It has ended; the server sends the code once it has reaped it (or the channel
+      // reaches end of file if the server died). Never block here, under mutex_.
+      if (!poll_one(status_fd.get(), 0)) return false;
       exitcode_ = read_exit_status(status_fd.get(), pid);
       return true;
     }
