@@ -8,6 +8,9 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <csignal>
 #include <map>
 #include <mp/detail/child.hpp>
@@ -58,6 +61,24 @@ int crash() {
   return 0;
 }
 int add(int a, int b) { return a + b; }
+
+// The children of this process in state Z (zombies), from /proc/<pid>/stat.
+int zombie_children() {
+  int n = 0;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    std::ifstream in(entry.path() / "stat");
+    std::string line;
+    if (!std::getline(in, line)) continue;
+    auto close = line.rfind(')');  // the name may hold spaces and parentheses
+    if (close == std::string::npos) continue;
+    std::istringstream rest(line.substr(close + 1));
+    char state = 0;
+    pid_t ppid = 0;
+    rest >> state >> ppid;
+    n += ppid == ::getpid() && state == 'Z';
+  }
+  return n;
+}
 
 // Counts for ever in shared memory; says so once it has started.
 void count_forever(mp::RawValue<std::uint64_t> n, mp::Event started) {
@@ -267,6 +288,8 @@ TEST_CASE("context: a forkserver child has ended when join() returns after the s
     std::uint64_t after_join = n.value();
     std::this_thread::sleep_for(5ms);
     CHECK(n.value() == after_join);  // dead means dead: nothing counts any more
+    // join() noticed the server's death: the server has been reaped, not left a zombie.
+    CHECK(zombie_children() == 0);
   }
   // The next forkserver start brings up a new server transparently.
   mp::Process good{mp::get_context("forkserver"), add, 40, 2};

@@ -495,6 +495,7 @@ class ForkserverMethod final : public StartMethod {
     ForkserverClient& c = forkserver_client();
     {
       std::lock_guard lock(c.mutex);
+      ForkserverMethod::forget_dead_server_locked(c);
       if (!c.sock) start_server_locked(c);
       try {
         send_message(c.sock.get(), body, fds, fmt::format("the start request of '{}'", spec.name));
@@ -537,6 +538,20 @@ class ForkserverMethod final : public StartMethod {
     c.sock.reset();  // EOF tells the server to leave
     if (c.pid > 0) reap_quietly(c.pid, nullptr);
     c.pid = 0;
+  }
+
+  // Whether the server is gone: it never writes on its channel after its ready answer, so
+  // the channel polls readable (end of file) or hung up only once the server has died.
+  static bool server_gone_locked(const ForkserverClient& c) noexcept {
+    if (!c.sock) return false;
+    pollfd p{c.sock.get(), POLLIN, 0};
+    return ::poll(&p, 1, 0) > 0;
+  }
+
+  // Reaps a server that died (no zombie is left behind) and forgets it, so that the next
+  // start() brings up a new one.
+  static void forget_dead_server_locked(ForkserverClient& c) noexcept {
+    if (server_gone_locked(c)) stop_server_locked(c);  // its descriptors are closed: it is exiting
   }
 };
 
@@ -680,7 +695,12 @@ int read_exit_status(int status_fd, pid_t pid) {
   std::int32_t code = 0;
   if (!read_all(status_fd, reinterpret_cast<char*>(&code), sizeof code,
                 fmt::format("the exit code of process {}", pid))) {
-    return -SIGKILL;  // the server died, and the child with it (parent-death signal)
+    // The server died, and the child with it (parent-death signal). Reap the server now,
+    // rather than leave it a zombie until the next forkserver start or this program's end.
+    ForkserverClient& c = forkserver_client();
+    std::lock_guard lock(c.mutex);
+    ForkserverMethod::forget_dead_server_locked(c);
+    return -SIGKILL;
   }
   return code;
 }
