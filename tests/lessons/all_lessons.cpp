@@ -1,4 +1,4 @@
-// tests/lessons/all_lessons.cpp - the rules every lesson follows (DESIGN.md, "The curriculum").
+// tests/lessons/all_lessons.cpp - the rules every lesson follows (see README.md).
 #include <catch2/catch.hpp>
 
 #include "catalogue.hpp"
