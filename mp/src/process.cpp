@@ -296,6 +296,11 @@ class ForkMethod final : public StartMethod {
     pid_t pid = ::fork();
     if (pid == -1) throw_errno(fmt::format("fork process '{}'", spec.name));
     if (pid == 0) {
+      // Process::start holds the registry lock across this fork, and this process's only
+      // thread is the copy of the thread that holds it: release it by unlocking, which
+      // ThreadSanitizer sees (a re-construction in enter_child would leave TSan believing
+      // the lock is still held, and report the next lock as a double lock).
+      registry().mutex.unlock();
       enter_child(spec, parent, parent.pid);
       run_child_and_exit(spec);
     }
