@@ -224,6 +224,24 @@ TEST_CASE("barrier: a party that dies while it waits breaks the barrier", "[barr
   CHECK(synctest::leaked_by_us(shm, synctest::pids_of(survivor, victim)).empty());
 }
 
+TEST_CASE("barrier: the last party to arrive does not complete a round with a dead party",
+          "[barrier]") {
+  // The victim arrives and is killed before anyone else arrives: no waiter is left to notice
+  // its death, so the last arriver must check.
+  testing::ShmGuard shm;
+  auto ctx = synctest::any_context();
+  mp::Barrier barrier{2};
+  mp::Process victim{ctx, wait_until_killed, barrier};
+  victim.start();
+  REQUIRE(synctest::eventually([&] { return barrier.n_waiting() == 1; }));
+  victim.kill();
+  REQUIRE(victim.join(60s));
+  CHECK(victim.exitcode() == -SIGKILL);
+  CHECK_THROWS_WITH(barrier.wait(60s), Catch::Contains("a party died"));
+  CHECK(barrier.broken());
+  CHECK(synctest::leaked_by_us(shm, synctest::pids_of(victim)).empty());
+}
+
 TEST_CASE("barrier: an action that captures state cannot go to a fresh image", "[barrier]") {
   int runs = 0;
   mp::Barrier barrier{1, [&runs] { ++runs; }};

@@ -817,6 +817,17 @@ int Barrier::wait_until(const detail::Deadline& deadline) {
   arrived_at[index].store(me);
   s.count.store(index + 1);
   if (index + 1 == s.parties) {
+    // The last to arrive completes the round only if every party that arrived before it is
+    // still alive: a round that "passed" with a dead party would let the survivors go on as
+    // if it had done its share. The waiters' own periodic check cannot be relied on here:
+    // the last party may arrive before any of them looks.
+    for (std::uint32_t i = 0; i < index; ++i) {
+      pid_t pid = arrived_at[i].load();
+      if (pid == me || pid <= 0 || !process_ended(pid)) continue;
+      break_locked(kPartyDied);
+      detail::mutex_release(s.lock, "a Barrier's lock");
+      throw BrokenBarrierError(broken_message(kPartyDied));
+    }
     // The last to arrive runs the action, then releases everyone.
     if (action_) {
       try {

@@ -514,9 +514,11 @@ class Condition : public detail::LockableNames<Condition> {
 // barrier stays broken until reset().
 //
 // Death detection: each party writes its pid when it arrives; parties parked in wait()
-// check every 50 ms that the ones that arrived before them still run. Limits: a party that
-// dies before it reaches wait() cannot be noticed (the others wait for it: give the barrier
-// a timeout), and a pid reused within one check period would hide a death.
+// check every 50 ms that the ones that arrived before them still run, and the last party
+// checks them all before it completes the round, so a round never passes with a dead
+// party. Limits: a party that dies before it reaches wait() cannot be noticed (the others
+// wait for it: give the barrier a timeout); one that dies after the round completed is not
+// the barrier's concern; a pid reused before the check would hide a death.
 //
 // Passing a Barrier to a spawn or forkserver child needs an action that is a plain function
 // or a lambda without captures (so that it can be found again in the child's image); any
