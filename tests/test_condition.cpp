@@ -189,17 +189,59 @@ TEST_CASE("condition: a waiter takes the lock back from a holder that died", "[c
     if (synctest::eventually([&] { return s->holding.load() == 1; })) holder.kill();
   });
   // Short waits until the child has had its turn: the last one times out while the child
-  // holds the lock, and returns only once the killed child's lock is recovered.
-  int waits = 0;
+  // holds the lock, and ends only once the killed child's lock is recovered, with the news.
+  // The child can take the lock only inside a wait, so the wait that saw it is the one
+  // that took the lock back from the dead child.
+  int waits = 0, notified = 0, died = 0;
   while (s->holding.load() == 0 && waits < 3000) {
-    CHECK_FALSE(cond.wait(20ms));
+    try {
+      if (cond.wait(20ms)) ++notified;
+    } catch (const mp::OwnerDiedError&) {
+      ++died;
+    }
     ++waits;
   }
   killer.join();
+  CHECK(notified == 0);
+  CHECK(died == 1);
   CHECK(cond.owner_died());
+  CHECK(guard.owns_lock());
   REQUIRE(holder.join(60s));
   CHECK(holder.exitcode() == -SIGKILL);
   guard.unlock();
+}
+
+// Takes the lock, leaves the shared value half updated, notifies, and dies holding it.
+int update_half_and_die(mp::Condition cond, Shared<Stage> s) {
+  if (!cond.acquire(60s)) return 1;
+  s->entered = 1;  // the first half of the update; `value` would be the second
+  cond.notify_all();
+  ::raise(SIGKILL);
+  return 2;
+}
+
+TEST_CASE("condition: wait_for reports a holder's death instead of testing half-updated data",
+          "[condition]") {
+  const bool recursive = GENERATE(false, true);
+  INFO("over " << (recursive ? "an RLock" : "a Lock"));
+  auto ctx = synctest::any_context();
+  mp::Condition cond = recursive ? mp::Condition{mp::RLock{}} : mp::Condition{mp::Lock{}};
+  Shared<Stage> s;
+  std::unique_lock guard{cond};
+  mp::Process dying{ctx, update_half_and_die, cond, s};
+  dying.start();
+  // wait_for lets go of the lock; the child takes it, half updates, notifies and dies. The
+  // predicate is false on the half update: without the report, wait_for would wait again.
+  CHECK_THROWS_AS(cond.wait_for([&] { return s->value == 1; }, 60s), mp::OwnerDiedError);
+  CHECK(guard.owns_lock());
+  CHECK(cond.owner_died());
+  CHECK(s->entered == 1);  // what the program must repair
+  REQUIRE(dying.join(60s));
+  CHECK(dying.exitcode() == -SIGKILL);
+  // Repaired, the condition works on: a wait that times out reports no death.
+  s->entered = 0;
+  CHECK_FALSE(cond.wait(10ms));
+  CHECK_FALSE(cond.owner_died());
 }
 
 TEST_CASE("condition: a later waiter cannot take a wake-up meant for an earlier one",

@@ -642,7 +642,7 @@ bool Condition::wait_until(const detail::Deadline& deadline) {
     }
   }
 
-  // Take the lock back, whatever happened; a holder that died meanwhile shows in owner_died().
+  // Take the lock back, whatever happened.
   if (auto* r = std::get_if<RLock>(&lock_)) {
     r->reacquire_all(depth);
   } else {
@@ -652,6 +652,14 @@ bool Condition::wait_until(const detail::Deadline& deadline) {
   if (mine.word.load() != 0) notified = true;  // a notify raced with the timeout
   if (mine.state.load() == kWaiting) --s.waiting;
   mine.state.store(kFree);
+  // A holder died while we waited: say so now. A return would let wait_for() (or the
+  // caller's own loop) test its predicate on half-updated data, find it false and wait
+  // again, and the next acquire would clear the flag: nobody would ever learn of it.
+  if (owner_died()) {
+    throw OwnerDiedError(
+        "cannot wait on a Condition: the holder of its lock died while holding it; the lock "
+        "is held again and the data it guards may be half updated");
+  }
   return notified;
 }
 

@@ -28,6 +28,15 @@ class BrokenBarrierError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// A Condition's wait() took its lock back from a holder that died holding it. The caller
+// holds the lock again (as after any wait), and the data the lock guards may be half
+// updated: repair it (or give up on it) before waiting again. Python's locks are not
+// robust, so Python has no counterpart: its waiter would hang or read the half update.
+class OwnerDiedError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 // An exception was raised in another process; this carries what it said.
 class RemoteError : public std::runtime_error {
  public:

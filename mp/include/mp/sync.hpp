@@ -425,7 +425,9 @@ class Event {
 // change it between the notify and the waiter's return. Limits: up to 4096 processes (or
 // threads) wait at once; a waiter killed while it waits may absorb one notify() (its slot
 // is reclaimed when the table fills up). If the holder of the lock dies, the waiter that
-// takes it back sees owner_died(), and the Condition's own bookkeeping is checked again.
+// takes it back gets OwnerDiedError from wait() or wait_for() (mp differs from Python here,
+// whose locks are not robust): it holds the lock, owner_died() is true, the Condition's own
+// bookkeeping has been checked again, and the guarded data is the program's to repair.
 class Condition : public detail::LockableNames<Condition> {
  public:
   Condition();
@@ -439,12 +441,14 @@ class Condition : public detail::LockableNames<Condition> {
   bool owner_died() const noexcept;
 
   // Waits for a notify. Returns false when the timeout ran out first. Throws ProcessError
-  // when the calling thread does not hold the lock.
+  // when the calling thread does not hold the lock, OwnerDiedError (with the lock held)
+  // when it took the lock back from a holder that died.
   bool wait();
   bool wait(Seconds timeout);
 
   // Waits until pred() is true (checked first, and after each wake-up) or the timeout runs
-  // out; returns pred()'s last value. Python: Condition.wait_for.
+  // out; returns pred()'s last value. Python: Condition.wait_for. Throws OwnerDiedError as
+  // wait() does, before pred() sees the data a dead holder left.
   template <class Pred>
   bool wait_for(Pred pred, std::optional<Seconds> timeout = std::nullopt) {
     detail::Deadline deadline = detail::deadline_from(timeout);
