@@ -2,8 +2,10 @@
 //
 // Cases with other processes run under every start method, with plain-function targets
 // that take proxies as arguments. Timeouts are hang guards, never speed checks.
+#include <arpa/inet.h>
 #include <dirent.h>
 #include <fmt/format.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -562,6 +564,76 @@ TEST_CASE("a TCP manager: the right key connects, a wrong one gets Authenticatio
   CHECK(remote.get("x") == 2);
   d.set("y", 3);
   CHECK(mp::connect(m.address(), "right key").dict<std::string, int>("shared").get("y") == 3);
+}
+
+namespace {
+
+// A server that stops at a given point of the handshake, as one killed there would.
+enum class HangUp { at_accept, after_challenge, after_answer, reset_after_answer, wrong_key };
+
+void write_frame(int fd, const std::string& body) {
+  std::string frame(4, '\0');
+  auto len = static_cast<std::uint32_t>(body.size());
+  std::memcpy(frame.data(), &len, 4);
+  frame += body;
+  REQUIRE(::send(fd, frame.data(), frame.size(), MSG_NOSIGNAL) == ssize_t(frame.size()));
+}
+
+void read_bytes(int fd, std::size_t n) {
+  std::string buf(n, '\0');
+  std::size_t got = 0;
+  while (got < n) {
+    ssize_t r = ::recv(fd, buf.data() + got, n - got, 0);
+    REQUIRE(r > 0);
+    got += std::size_t(r);
+  }
+}
+
+void serve_once(int listener, HangUp how) {
+  int c = ::accept(listener, nullptr, nullptr);
+  REQUIRE(c >= 0);
+  if (how != HangUp::at_accept) {
+    write_frame(c, "#CHALLENGE#" + std::string(40, 'n'));
+    if (how != HangUp::after_challenge) {
+      read_bytes(c, 4 + 32);  // the framed HMAC-SHA256 answer
+      if (how == HangUp::reset_after_answer) {
+        linger l{1, 0};  // close with a reset, as the kernel does for a killed process
+        REQUIRE(::setsockopt(c, SOL_SOCKET, SO_LINGER, &l, sizeof l) == 0);
+      } else if (how == HangUp::wrong_key) {
+        write_frame(c, "#FAILURE#");
+      }
+    }
+  }
+  ::close(c);
+}
+
+}  // namespace
+
+TEST_CASE("a server that goes away during the handshake gives ManagerGoneError, not a key error",
+          "[manager][faults]") {
+  int l = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  REQUIRE(l >= 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  REQUIRE(::bind(l, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+  REQUIRE(::listen(l, 4) == 0);
+  REQUIRE(::getsockname(l, reinterpret_cast<sockaddr*>(&a), &len) == 0);
+  std::string address = fmt::format("tcp:127.0.0.1:{}", ntohs(a.sin_port));
+
+  auto how = GENERATE(HangUp::at_accept, HangUp::after_challenge, HangUp::after_answer,
+                      HangUp::reset_after_answer, HangUp::wrong_key);
+  INFO("the server stops " << int(how));
+  std::thread server([&] { serve_once(l, how); });
+  if (how == HangUp::wrong_key) {
+    // The one case where the exchange completed, and its verdict is "wrong key".
+    CHECK_THROWS_AS(mp::connect(address, "k"), mp::AuthenticationError);
+  } else {
+    CHECK_THROWS_AS(mp::connect(address, "k"), mp::ManagerGoneError);
+  }
+  server.join();
+  ::close(l);
 }
 
 TEST_CASE("a remote client in another process, under every start method", "[manager][auth]") {

@@ -1263,12 +1263,29 @@ class ClientConn {
       }
       throw;
     }
+    // The handshake and the channel set-up: an end of file or a reset here means the server
+    // went away (it was killed while we connected); only a completed exchange that says the
+    // key is wrong is an AuthenticationError.
     try {
-      authenticate_as_client(fd_.get(), ep.authkey);
+      handshake(ep);
     } catch (const EOFError&) {
       throw ManagerGoneError(fmt::format(
-          "cannot reach the manager server at {}: it closed the connection", ep.address));
+          "cannot reach the manager server at {}: it closed the connection during the "
+          "handshake (it was shut down or died)",
+          ep.address));
+    } catch (const std::system_error& e) {
+      int err = e.code().value();
+      if (err != EPIPE && err != ECONNRESET) throw;
+      throw ManagerGoneError(fmt::format(
+          "cannot reach the manager server at {}: the connection was reset during the "
+          "handshake (it was shut down or died)",
+          ep.address));
     }
+  }
+
+  // Authenticates, then (locally) hands the server the shared channel.
+  void handshake(const Endpoint& ep) {
+    authenticate_as_client(fd_.get(), ep.authkey);
     if (!ep.address.starts_with("tcp:")) {
       region_ = Region::create(kChannelSize, "mp-manager-channel");
       ch_ = region_.as<ChannelHeader>();

@@ -98,8 +98,9 @@ UniqueFd listen_on(std::string_view address, int backlog, std::string& bound,
 UniqueFd connect_to(std::string_view address);
 
 // The two halves of the handshake and the two orders they run in. `deadline` bounds the
-// whole exchange. Throw AuthenticationError on a wrong digest, EOFError when the peer hangs
-// up, TimeoutError when it is too slow. They read exactly what the handshake sends, so the
+// whole exchange. Throw AuthenticationError on a wrong digest (a completed exchange whose
+// answer or verdict says so), EOFError when the peer hangs up at any point, system_error
+// on a reset, TimeoutError when it is too slow. They read exactly what the handshake sends, so the
 // socket is at a message boundary afterwards.
 void deliver_challenge(int fd, std::string_view authkey,
                        std::chrono::steady_clock::time_point deadline);
