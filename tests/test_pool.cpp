@@ -19,6 +19,7 @@
 #include <memory>
 #include <mp/detail/child.hpp>
 #include <mp/detail/region.hpp>
+#include <mp/monitor.hpp>
 #include <mp/pool.hpp>
 #include <mp/process.hpp>
 #include <mutex>
@@ -739,6 +740,48 @@ int pool_owner(Board board, std::string method) {
   for (;;) ::pause();
 }
 }  // namespace
+
+TEST_CASE("pool: a spawn worker killed during its start handshake is replaced, not fatal",
+          "[pool]") {
+  // A thread SIGKILLs the first child of this process it sees: a spawn worker still in its
+  // start handshake (exec and set-up take milliseconds), or at worst one just started.
+  // Either way the constructor must not throw, and the pool must work.
+  testing::ShmGuard guard;
+  std::atomic<bool> stop{false};
+  std::atomic<pid_t> killed{0};
+  const std::vector<pid_t> before = mp::children(::getpid());  // a forkserver, say: not ours
+  std::thread killer([&] {
+    while (!stop.load() && killed.load() == 0) {
+      for (pid_t p : mp::children(::getpid())) {
+        if (std::find(before.begin(), before.end(), p) != before.end()) continue;
+        if (::kill(p, SIGKILL) == 0) {
+          killed = p;
+          break;
+        }
+      }
+    }
+  });
+  std::optional<mp::Pool> pool;
+  try {
+    pool.emplace(2, mp::Initializer{}, 0, mp::get_context("spawn"));
+  } catch (const std::exception& e) {
+    stop = true;
+    killer.join();
+    FAIL("the constructor threw: " << e.what());
+  }
+  stop = true;
+  killer.join();
+  CHECK(killed.load() > 0);
+  CHECK(pool->map(square, iota_vector<int>(50)) == [] {
+    std::vector<long> v;
+    for (int i = 0; i < 50; ++i) v.push_back(i * i);
+    return v;
+  }());
+  pool->close();
+  pool->join();
+  pool.reset();
+  expect_clean(guard);
+}
 
 TEST_CASE("pool: when the pool's process dies, its workers die too", "[pool]") {
   testing::ShmGuard guard;

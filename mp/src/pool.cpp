@@ -120,6 +120,9 @@ constexpr auto kDeathCheck = std::chrono::milliseconds(2);
 // Worker::ring_parent); if its next task is long, a finished result would wait for it. So
 // while tasks are in flight the service thread sleeps at most this long.
 constexpr int kInFlightPollMs = 5;
+// Attempts per worker in the constructor: a start killed once (during the spawn or
+// forkserver handshake) is replaced; three failures in a row are a real error.
+constexpr int kConstructorStartTries = 3;
 // terminate(): SIGTERM, then SIGKILL for workers still alive after this.
 constexpr auto kTerminateGrace = std::chrono::milliseconds(300);
 
@@ -634,9 +637,22 @@ class PoolEngine {
     workers_.resize(nslots_);
 
     // The first workers start here, in the constructing thread, so that a failure is an
-    // exception from the constructor.
+    // exception from the constructor. A start can fail once because the new worker was
+    // killed during its start handshake (spawn, forkserver): that worker is replaced, as
+    // one that dies later would be. A failure that repeats is the constructor's exception.
     try {
-      for (std::uint32_t i = 0; i < static_cast<std::uint32_t>(processes_); ++i) start_worker(i);
+      for (std::uint32_t i = 0; i < static_cast<std::uint32_t>(processes_); ++i) {
+        for (int attempt = 1;; ++attempt) {
+          try {
+            start_worker(i);
+            break;
+          } catch (const std::exception& e) {
+            if (attempt == kConstructorStartTries) throw;
+            report_noexcept(fmt::format("the pool replaces a worker that failed to start: {}",
+                                        e.what()));
+          }
+        }
+      }
       service_ = std::thread([this] { service_main(); });
       callbacks_ = std::thread([this] { callback_main(); });
     } catch (...) {
