@@ -61,3 +61,44 @@ TEST_CASE("5_advanced/health_check_restart: a bad flag is a usage error", "[less
   auto r = testing::run({testing::lesson_binary("5_advanced/health_check_restart"), "--timeout-ms", "5"});
   CHECK(r.exit_code == 2);
 }
+
+TEST_CASE("5_advanced/initializer_finalizer: initializers, finalizers and atexit per way of ending",
+          "[lessons][5_advanced]") {
+  for (const char* method : {"fork", "spawn"}) {
+    INFO("start method " << method);
+    auto r = testing::run_lesson_json("5_advanced/initializer_finalizer",
+                                      {"--workers", "3", "--items", "60", "--start-method", method});
+    // close() + join(): one initializer and one finalize task per worker, every tally kept.
+    const auto& c = r["close"];
+    CHECK(c["workers_started"] == 3);
+    CHECK(c["initializers"] == 3);
+    CHECK(c["finalized_by_task"] == 3);
+    CHECK(c["finalize_task_workers"] == 3);  // three distinct pids: none took two
+    CHECK(c["tasks_published"] == 60);
+    // A worker ends with std::_Exit: the atexit handler its initializer registered never runs.
+    CHECK(c["atexit_ran"] == 0);
+    // terminate(): every long task cancelled; the SIGTERM finalizer is best effort.
+    const auto& t = r["terminate"];
+    CHECK(t["workers_started"] == 3);
+    CHECK(t["initializers"] == 3);
+    CHECK(t["cancelled"] == 3);
+    CHECK(t["finalized_by_sigterm"].get<int>() <= 3);
+    CHECK(t["atexit_ran"] == 0);
+    // SIGKILL: the replacement ran its initializer; the victim finalized nothing.
+    const auto& k = r["sigkill"];
+    CHECK(k["workers_started"] == 4);
+    CHECK(k["initializers"] == 4);
+    CHECK(k["finalized_by_task"] == 3);
+    CHECK(k["victim_finalized"] == false);
+    CHECK(k["tasks_published"].get<int>() + k["tasks_lost"].get<int>() == 120);
+    CHECK(k["atexit_ran"] == 0);
+  }
+}
+
+TEST_CASE("5_advanced/initializer_finalizer: a bad flag is a usage error", "[lessons][5_advanced]") {
+  auto r = testing::run(
+      {testing::lesson_binary("5_advanced/initializer_finalizer"), "--start-method", "vfork"});
+  CHECK(r.exit_code == 2);
+  r = testing::run({testing::lesson_binary("5_advanced/initializer_finalizer"), "--workers", "0"});
+  CHECK(r.exit_code == 2);
+}
