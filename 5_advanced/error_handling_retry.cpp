@@ -66,9 +66,9 @@ enum class Planned { ok, transient, crash, permanent };
 
 // What try k (0-based) of task i does.
 Planned planned(int i, int k) {
-  if (i % 6 == 5) return Planned::permanent;                    // bad input: fails every time
-  if (k >= i % 4) return Planned::ok;                           // fails its first i % 4 tries
-  return i % 5 == 0 ? Planned::crash : Planned::transient;      // ...crashing when 5 divides i
+  if (i % 6 == 5) return Planned::permanent;                // bad input: fails every time
+  if (k >= i % 4) return Planned::ok;                       // fails its first i % 4 tries
+  return i % 5 == 0 ? Planned::crash : Planned::transient;  // ...crashing when 5 divides i
 }
 
 // The task: does what the schedule says for try k of task i.
@@ -159,7 +159,7 @@ Failure classify(const std::exception& e, int attempt) {
   f.attempt = attempt;
   if (const auto* remote = dynamic_cast<const mp::RemoteError*>(&e)) {
     f.kind = remote->type_name() == "demo::TransientError" ? Kind::thrown_transient
-                                                            : Kind::thrown_permanent;
+                                                           : Kind::thrown_permanent;
     f.type = remote->type_name();
     f.message = remote->message();
     f.pid = remote->pid();
@@ -212,10 +212,14 @@ Counts expected_counts(int tasks, int max_tries) {
 }
 
 nlohmann::json to_json(const Counts& c) {
-  return {{"successes", c.successes}, {"gave_up", c.gave_up},
-          {"gave_up_permanent", c.gave_up_permanent}, {"tries", c.tries},
-          {"retries", c.retries},     {"thrown_transient", c.transient},
-          {"thrown_permanent", c.permanent}, {"crashes", c.crashes}};
+  return {{"successes", c.successes},
+          {"gave_up", c.gave_up},
+          {"gave_up_permanent", c.gave_up_permanent},
+          {"tries", c.tries},
+          {"retries", c.retries},
+          {"thrown_transient", c.transient},
+          {"thrown_permanent", c.permanent},
+          {"crashes", c.crashes}};
 }
 
 }  // namespace
@@ -226,7 +230,9 @@ int main(int argc, char** argv) {
                    "retry with backoff and jitter."};
   int& workers = L.add_workers(3, 32);
   int tasks = 12, max_tries = 3, base_delay_ms = 10;
-  L.cli().add_option("--tasks", tasks, "number of tasks")->check(CLI::Range(1, 1000))
+  L.cli()
+      .add_option("--tasks", tasks, "number of tasks")
+      ->check(CLI::Range(1, 1000))
       ->capture_default_str();
   L.cli()
       .add_option("--max-tries", max_tries, "tries per task before giving up")
@@ -274,7 +280,9 @@ int main(int argc, char** argv) {
       int attempt = ++state[static_cast<std::size_t>(i)].tries;  // 1-based
       results.push_back(pool.apply_async(
           task, std::tuple{i, attempt - 1},
-          [&mailbox, i](const long& v) { mailbox.post(Event{i, true, v, {}}); },
+          [&mailbox, i](const long& v) {
+            mailbox.post(Event{i, true, v, {}});
+          },
           [&mailbox, i, attempt](const std::exception& e) {
             mailbox.post(Event{i, false, 0, classify(e, attempt)});
           }));
@@ -327,8 +335,8 @@ int main(int argc, char** argv) {
       auto now = Clock::now();
       for (auto it = due.begin(); it != due.end();) {
         if (it->at <= now) {
-          min_slack_ms =
-              std::min(min_slack_ms, std::chrono::duration<double, std::milli>(now - it->at).count());
+          min_slack_ms = std::min(min_slack_ms,
+                                  std::chrono::duration<double, std::milli>(now - it->at).count());
           submit(it->task);
           it = due.erase(it);
         } else {
@@ -393,9 +401,11 @@ int main(int argc, char** argv) {
         static_cast<std::size_t>(workers) + 1 + static_cast<std::size_t>(got.crashes);
     L.say("workers started: {} = {} + 1 (the crash in step 1) + {} (one per crash here)",
           started_after, workers, got.crashes);
-    L.say("time {:.3f} s; the backoffs add up to {:.0f} ms (they overlap); a retry went out at least {:.3f} ms after "
-          "its due time",
-          secs, total_backoff_ms, min_slack_ms < 1e9 ? min_slack_ms : 0.0);
+    L.say(
+        "time {:.3f} s; the backoffs add up to {:.0f} ms (they overlap); a retry went out at least "
+        "{:.3f} ms after "
+        "its due time",
+        secs, total_backoff_ms, min_slack_ms < 1e9 ? min_slack_ms : 0.0);
 
     L.fact("workers", workers);
     L.fact("tasks", tasks);
@@ -415,8 +425,8 @@ int main(int argc, char** argv) {
     L.fact("seconds", secs);
     L.fact("backoff_ms", total_backoff_ms);
 
-    bool step1 = remote_type == "demo::TransientError" && remote_pid_is_worker &&
-                 lost_signal == "SIGSEGV";
+    bool step1 =
+        remote_type == "demo::TransientError" && remote_pid_is_worker && lost_signal == "SIGSEGV";
     bool counts_ok = to_json(got) == to_json(want) &&
                      failures_kept == got.transient + got.permanent + got.crashes &&
                      failures_kept == got.tries - got.successes;

@@ -75,7 +75,7 @@ struct WorkerState {
   mp::Barrier finalize_barrier;
   std::size_t slot;
 };
-WorkerState* g_state = nullptr;  // set by the initializer; the worker never frees it
+WorkerState* g_state = nullptr;        // set by the initializer; the worker never frees it
 std::atomic<std::int32_t> g_tasks{0};  // tasks this worker ran: lost unless published
 
 Entry& my_entry() { return g_state->ledger[g_state->slot]; }
@@ -102,7 +102,8 @@ void on_sigterm(int) {
 void set_up(mp::RawArray<Entry> ledger, mp::RawValue<std::int32_t> next, mp::Barrier barrier,
             std::int32_t part) {
   auto slot = static_cast<std::size_t>(cell(next.value()).fetch_add(1));
-  if (slot >= ledger.size()) throw std::length_error("cannot record the worker: the ledger is full");
+  if (slot >= ledger.size())
+    throw std::length_error("cannot record the worker: the ledger is full");
   g_state = new WorkerState{ledger, barrier, slot};
   Entry& e = my_entry();
   e.pid = ::getpid();
@@ -171,8 +172,8 @@ void wait_for(Pred pred, const char* what) {
   }
 }
 
-int count_part(const mp::RawArray<Entry>& ledger, const mp::RawValue<std::int32_t>& next,
-               Part part, bool busy_only) {
+int count_part(const mp::RawArray<Entry>& ledger, const mp::RawValue<std::int32_t>& next, Part part,
+               bool busy_only) {
   int n = 0;
   std::int32_t used = cell(next.value()).load();
   for (std::int32_t i = 0; i < used && i < static_cast<std::int32_t>(ledger.size()); ++i) {
@@ -292,32 +293,35 @@ int main(int argc, char** argv) {
     L.say("killed worker {}: finalized {}", victim, victim_finalized);
     L.say("workers started {}, initializers {}, finalized by the task {}", started3,
           t3.initializers, t3.finalized_by_task);
-    L.say("tallies published {} of {} tasks: {} lost with the killed worker (it ran them before "
-          "it died); atexit handlers run: {}",
-          t3.tasks_published, 2 * items, tasks_lost, t3.atexit_ran);
+    L.say(
+        "tallies published {} of {} tasks: {} lost with the killed worker (it ran them before "
+        "it died); atexit handlers run: {}",
+        t3.tasks_published, 2 * items, tasks_lost, t3.atexit_ran);
 
     L.fact("workers", workers);
     L.fact("items", items);
     L.fact("start_method", std::string(ctx.start_method()));
     L.fact("close", nlohmann::json{{"workers_started", started1},
-                     {"initializers", t1.initializers},
-                     {"finalized_by_task", t1.finalized_by_task},
-                     {"finalize_task_workers", finalize_pids.size()},
-                     {"tasks_published", t1.tasks_published},
-                     {"atexit_ran", t1.atexit_ran}});
-    L.fact("terminate", nlohmann::json{{"workers_started", started2},
-                         {"initializers", t2.initializers},
-                         {"finalized_by_sigterm", t2.finalized_by_sigterm},  // reported
-                         {"cancelled", cancelled},
-                         {"seconds", terminate_secs},
-                         {"atexit_ran", t2.atexit_ran}});
-    L.fact("sigkill", nlohmann::json{{"workers_started", started3},
-                       {"initializers", t3.initializers},
-                       {"finalized_by_task", t3.finalized_by_task},
-                       {"victim_finalized", victim_finalized},
-                       {"tasks_published", t3.tasks_published},
-                       {"tasks_lost", tasks_lost},  // whatever the victim had run: reported
-                       {"atexit_ran", t3.atexit_ran}});
+                                   {"initializers", t1.initializers},
+                                   {"finalized_by_task", t1.finalized_by_task},
+                                   {"finalize_task_workers", finalize_pids.size()},
+                                   {"tasks_published", t1.tasks_published},
+                                   {"atexit_ran", t1.atexit_ran}});
+    L.fact("terminate",
+           nlohmann::json{{"workers_started", started2},
+                          {"initializers", t2.initializers},
+                          {"finalized_by_sigterm", t2.finalized_by_sigterm},  // reported
+                          {"cancelled", cancelled},
+                          {"seconds", terminate_secs},
+                          {"atexit_ran", t2.atexit_ran}});
+    L.fact("sigkill",
+           nlohmann::json{{"workers_started", started3},
+                          {"initializers", t3.initializers},
+                          {"finalized_by_task", t3.finalized_by_task},
+                          {"victim_finalized", victim_finalized},
+                          {"tasks_published", t3.tasks_published},
+                          {"tasks_lost", tasks_lost},  // whatever the victim had run: reported
+                          {"atexit_ran", t3.atexit_ran}});
 
     const auto w = static_cast<std::size_t>(workers);
     bool close_ok = started1 == w && t1.initializers == workers &&

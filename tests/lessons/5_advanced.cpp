@@ -66,8 +66,9 @@ TEST_CASE("5_advanced/initializer_finalizer: initializers, finalizers and atexit
           "[lessons][5_advanced]") {
   for (const char* method : {"fork", "spawn"}) {
     INFO("start method " << method);
-    auto r = testing::run_lesson_json("5_advanced/initializer_finalizer",
-                                      {"--workers", "3", "--items", "60", "--start-method", method});
+    auto r =
+        testing::run_lesson_json("5_advanced/initializer_finalizer",
+                                 {"--workers", "3", "--items", "60", "--start-method", method});
     // close() + join(): one initializer and one finalize task per worker, every tally kept.
     const auto& c = r["close"];
     CHECK(c["workers_started"] == 3);
@@ -95,7 +96,8 @@ TEST_CASE("5_advanced/initializer_finalizer: initializers, finalizers and atexit
   }
 }
 
-TEST_CASE("5_advanced/initializer_finalizer: a bad flag is a usage error", "[lessons][5_advanced]") {
+TEST_CASE("5_advanced/initializer_finalizer: a bad flag is a usage error",
+          "[lessons][5_advanced]") {
   auto r = testing::run(
       {testing::lesson_binary("5_advanced/initializer_finalizer"), "--start-method", "vfork"});
   CHECK(r.exit_code == 2);
@@ -133,9 +135,9 @@ TEST_CASE("5_advanced/error_handling_retry: throws and crashes told apart, retri
 
 TEST_CASE("5_advanced/error_handling_retry: other flags, counts still as the schedule predicts",
           "[lessons][5_advanced]") {
-  auto r = testing::run_lesson_json(
-      "5_advanced/error_handling_retry",
-      {"--tasks", "40", "--max-tries", "2", "--workers", "2", "--base-delay-ms", "1", "--seed", "7"});
+  auto r = testing::run_lesson_json("5_advanced/error_handling_retry",
+                                    {"--tasks", "40", "--max-tries", "2", "--workers", "2",
+                                     "--base-delay-ms", "1", "--seed", "7"});
   CHECK(r["counts"] == r["expected"]);
   CHECK(r["counts"]["tries"].get<int>() ==
         r["counts"]["successes"].get<int>() + r["failures_kept"].get<int>());
