@@ -61,3 +61,93 @@ TEST_CASE("5_advanced/health_check_restart: a bad flag is a usage error", "[less
   auto r = testing::run({testing::lesson_binary("5_advanced/health_check_restart"), "--timeout-ms", "5"});
   CHECK(r.exit_code == 2);
 }
+
+TEST_CASE("5_advanced/initializer_finalizer: initializers, finalizers and atexit per way of ending",
+          "[lessons][5_advanced]") {
+  for (const char* method : {"fork", "spawn"}) {
+    INFO("start method " << method);
+    auto r =
+        testing::run_lesson_json("5_advanced/initializer_finalizer",
+                                 {"--workers", "3", "--items", "60", "--start-method", method});
+    // close() + join(): one initializer and one finalize task per worker, every tally kept.
+    const auto& c = r["close"];
+    CHECK(c["workers_started"] == 3);
+    CHECK(c["initializers"] == 3);
+    CHECK(c["finalized_by_task"] == 3);
+    CHECK(c["finalize_task_workers"] == 3);  // three distinct pids: none took two
+    CHECK(c["tasks_published"] == 60);
+    // A worker ends with std::_Exit: the atexit handler its initializer registered never runs.
+    CHECK(c["atexit_ran"] == 0);
+    // terminate(): every long task cancelled; the SIGTERM finalizer is best effort.
+    const auto& t = r["terminate"];
+    CHECK(t["workers_started"] == 3);
+    CHECK(t["initializers"] == 3);
+    CHECK(t["cancelled"] == 3);
+    CHECK(t["finalized_by_sigterm"].get<int>() <= 3);
+    CHECK(t["atexit_ran"] == 0);
+    // SIGKILL: the replacement ran its initializer; the victim finalized nothing.
+    const auto& k = r["sigkill"];
+    CHECK(k["workers_started"] == 4);
+    CHECK(k["initializers"] == 4);
+    CHECK(k["finalized_by_task"] == 3);
+    CHECK(k["victim_finalized"] == false);
+    CHECK(k["tasks_published"].get<int>() + k["tasks_lost"].get<int>() == 120);
+    CHECK(k["atexit_ran"] == 0);
+  }
+}
+
+TEST_CASE("5_advanced/initializer_finalizer: a bad flag is a usage error",
+          "[lessons][5_advanced]") {
+  auto r = testing::run(
+      {testing::lesson_binary("5_advanced/initializer_finalizer"), "--start-method", "vfork"});
+  CHECK(r.exit_code == 2);
+  r = testing::run({testing::lesson_binary("5_advanced/initializer_finalizer"), "--workers", "0"});
+  CHECK(r.exit_code == 2);
+}
+
+TEST_CASE("5_advanced/error_handling_retry: throws and crashes told apart, retried, counted",
+          "[lessons][5_advanced]") {
+  auto r = testing::run_lesson_json("5_advanced/error_handling_retry",
+                                    {"--tasks", "12", "--max-tries", "3", "--workers", "3"});
+  // What crosses the process boundary: the exception's type and message, the worker's pid.
+  CHECK(r["remote_error_type"] == "demo::TransientError");
+  CHECK(r["remote_error_message"] == "task 1 try 1: the service was busy");
+  CHECK(r["remote_error_pid_is_worker"] == true);
+  CHECK(r["lost_signal"] == "SIGSEGV");
+  // The schedule for tasks 0..11 with 3 tries: 8 succeed; 3 and 7 run out of tries; 5 and 11
+  // fail permanently and are not retried; task 10 crashes twice and then succeeds.
+  const auto& c = r["counts"];
+  CHECK(c["successes"] == 8);
+  CHECK(c["gave_up"] == 4);
+  CHECK(c["gave_up_permanent"] == 2);
+  CHECK(c["tries"] == 24);
+  CHECK(c["retries"] == 12);
+  CHECK(c["thrown_transient"] == 12);
+  CHECK(c["thrown_permanent"] == 2);
+  CHECK(c["crashes"] == 2);
+  CHECK(r["failures_kept"] == 16);
+  CHECK(r["values_right"] == true);
+  CHECK(r["failure_pids_are_workers"] == true);
+  // Every crash cost a worker: 3 first workers + 1 for step 1's crash + 2.
+  CHECK(r["workers_started"] == 6);
+  CHECK(r["workers_started"] == r["workers_started_expected"]);
+}
+
+TEST_CASE("5_advanced/error_handling_retry: other flags, counts still as the schedule predicts",
+          "[lessons][5_advanced]") {
+  auto r = testing::run_lesson_json("5_advanced/error_handling_retry",
+                                    {"--tasks", "40", "--max-tries", "2", "--workers", "2",
+                                     "--base-delay-ms", "1", "--seed", "7"});
+  CHECK(r["counts"] == r["expected"]);
+  CHECK(r["counts"]["tries"].get<int>() ==
+        r["counts"]["successes"].get<int>() + r["failures_kept"].get<int>());
+  CHECK(r["workers_started"] == r["workers_started_expected"]);
+}
+
+TEST_CASE("5_advanced/error_handling_retry: bad flags are usage errors", "[lessons][5_advanced]") {
+  const auto bin = testing::lesson_binary("5_advanced/error_handling_retry");
+  CHECK(testing::run({bin, "--max-tries", "0"}).exit_code == 2);
+  CHECK(testing::run({bin, "--max-tries", "11"}).exit_code == 2);
+  CHECK(testing::run({bin, "--tasks", "0"}).exit_code == 2);
+  CHECK(testing::run({bin, "--base-delay-ms", "abc"}).exit_code == 2);
+}
