@@ -523,3 +523,92 @@ TEST_CASE("6_performance/process_monitor: bad options are usage errors", "[lesso
     CHECK(testing::count_lines(r.err) == 1);
   }
 }
+
+TEST_CASE("6_performance/memory_overhead_benchmark: copy-on-write moves pages from shared to own",
+          "[lessons][6_performance]") {
+  auto r = testing::run_lesson_json("6_performance/memory_overhead_benchmark", {"--quick"});
+  const std::uint64_t mib = 1024 * 1024;
+  CHECK(r["mib"] == 16);
+  const std::uint64_t bytes = r["buffer_bytes"];
+  CHECK(bytes == 16 * mib);
+  const std::uint64_t page = r["page_size"];
+  REQUIRE(page > 0);
+  const auto& cow = r["cow"];
+  REQUIRE(cow.size() == 4);
+  const std::vector<int> percents{0, 10, 50, 100};
+  for (std::size_t i = 0; i < cow.size(); ++i) {
+    INFO(cow[i].dump());
+    CHECK(cow[i]["percent"] == percents[i]);
+    std::uint64_t n = cow[i]["pages_written"];
+    CHECK(n == bytes / page * static_cast<std::uint64_t>(percents[i]) / 100);
+    CHECK(cow[i]["bytes_written"].get<std::uint64_t>() == n * page);
+  }
+  // USS: never smaller after more writes, larger by at least 90% of the bytes written
+  // (each written page is now the child's own copy).
+  auto uss = [&](std::size_t i) { return cow[i]["child"]["uss"].get<double>(); };
+  auto pss = [&](std::size_t i) { return cow[i]["child"]["pss"].get<double>(); };
+  for (std::size_t i = 1; i < cow.size(); ++i) {
+    INFO(cow[i].dump());
+    CHECK(uss(i) >= uss(i - 1));
+    CHECK(uss(i) - uss(0) >= 0.9 * cow[i]["bytes_written"].get<double>());
+  }
+  // Untouched, the buffer is shared by two: the child's PSS counts half of it, its RSS all.
+  const auto& zero = cow[0]["child"];
+  double gap = zero["rss"].get<double>() - zero["pss"].get<double>();
+  CHECK(gap >= 0.45 * static_cast<double>(bytes));
+  CHECK(r["untouched_rss_minus_pss"].get<double>() == Approx(gap).margin(1));
+  // Written whole, each page went from counted half to counted whole in the child's PSS.
+  CHECK(pss(3) - pss(0) >= 0.4 * static_cast<double>(bytes));
+  CHECK(r["uss_monotonic"] == true);
+  CHECK(r["uss_growth_covers_written"] == true);
+  CHECK(r["untouched_pss_halved"] == true);
+}
+
+TEST_CASE("6_performance/memory_overhead_benchmark: every start method, pool and thread reading",
+          "[lessons][6_performance]") {
+  auto r = testing::run_lesson_json("6_performance/memory_overhead_benchmark",
+                                    {"--quick", "--mib", "4", "--workers", "3"});
+  CHECK(r["mib"] == 4);
+  CHECK(r["buffer_bytes"] == 4 * 1024 * 1024);
+  auto ordered = [](const nlohmann::json& m) {
+    double rss = m["rss"], pss = m["pss"], uss = m["uss"];
+    CHECK(uss > 0);
+    CHECK(uss <= pss + 8192);
+    CHECK(pss <= rss + 8192);
+  };
+  for (const char* m : {"fork", "spawn", "forkserver"}) {
+    INFO(m);
+    REQUIRE(r["idle_child"].contains(m));
+    ordered(r["idle_child"][m]);
+    CHECK(r["idle_child"][m]["exitcode"] == 0);
+    REQUIRE(r["pool"].contains(m));
+    const auto& p = r["pool"][m];
+    ordered(p);
+    CHECK(p["workers"] == 3);
+    CHECK(p["map_right"] == true);
+    CHECK(p["uss_per_worker"].get<std::uint64_t>() == p["uss"].get<std::uint64_t>() / 3);
+  }
+  ordered(r["parent"]);
+  const auto& t = r["threads"];
+  CHECK(t["count"] == 3);
+  CHECK(t["threads_after"].get<int>() == t["threads_before"].get<int>() + 3);
+  CHECK(t["rss_growth"].get<double>() ==
+        Approx(t["rss_after"].get<double>() - t["rss_before"].get<double>()));
+  CHECK(r["threads_counted"] == true);
+  CHECK(r["readings_ordered"] == true);
+  CHECK(r["children_ok"] == true);
+}
+
+TEST_CASE("6_performance/memory_overhead_benchmark: bad options are usage errors",
+          "[lessons][6_performance]") {
+  auto bin = testing::lesson_binary("6_performance/memory_overhead_benchmark");
+  for (std::vector<std::string> args : {std::vector<std::string>{"--mib", "0"},
+                                        {"--mib", "x"},
+                                        {"--workers", "0"}}) {
+    args.insert(args.begin(), bin);
+    auto r = testing::run(args);
+    INFO(args[1] << " " << args[2] << ": " << r.err);
+    CHECK(r.exit_code == 2);
+    CHECK(testing::count_lines(r.err) == 1);
+  }
+}
