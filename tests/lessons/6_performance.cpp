@@ -3,13 +3,26 @@
 // The benchmark's figures are never compared with a threshold (the machine is shared):
 // what is asserted is that every figure is there, consistent with its min and max, and
 // that each ratio is the one its definition gives.
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <catch2/catch.hpp>
+#include <cerrno>
+#include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <mp/monitor.hpp>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
+
+extern char** environ;
 
 #include "run.hpp"
 
@@ -33,6 +46,57 @@ void check_spread(const nlohmann::json& s) {
   CHECK(min > 0);
   CHECK(min <= median);
   CHECK(median <= max);
+}
+
+// A program this test starts and must end: killed and reaped by the destructor.
+class Child {
+ public:
+  explicit Child(std::vector<std::string> argv) {
+    std::vector<char*> args;
+    for (auto& a : argv) args.push_back(a.data());
+    args.push_back(nullptr);
+    int rc = ::posix_spawn(&pid_, args[0], nullptr, nullptr, args.data(), environ);
+    REQUIRE(rc == 0);
+  }
+  Child(const Child&) = delete;
+  Child& operator=(const Child&) = delete;
+  ~Child() { end(); }
+  pid_t pid() const { return pid_; }
+  // Kills the child and its own children (the shell's sleeps), children first, and reaps it.
+  void end() {
+    if (pid_ <= 0) return;
+    try {
+      for (pid_t p : mp::children(pid_, true)) ::kill(p, SIGKILL);
+    } catch (const mp::NoSuchProcess&) {
+    }
+    ::kill(pid_, SIGKILL);
+    int status = 0;
+    while (::waitpid(pid_, &status, 0) == -1 && errno == EINTR) {
+    }
+    pid_ = 0;
+  }
+
+ private:
+  pid_t pid_ = 0;
+};
+
+// What ps says of a pid: RSS in KiB and the number of threads.
+std::pair<long, int> ps_rss_threads(pid_t pid) {
+  auto r = testing::run({"/usr/bin/env", "ps", "-o", "rss=,nlwp=", "-p", std::to_string(pid)});
+  REQUIRE(r.exit_code == 0);
+  std::istringstream in(r.out);
+  long rss = -1;
+  int threads = -1;
+  in >> rss >> threads;
+  REQUIRE(rss >= 0);
+  return {rss, threads};
+}
+
+const nlohmann::json* find_process(const nlohmann::json& sample, pid_t pid) {
+  for (const auto& p : sample["processes"]) {
+    if (p["pid"] == pid) return &p;
+  }
+  return nullptr;
 }
 
 }  // namespace
@@ -287,6 +351,260 @@ TEST_CASE("6_performance/cpu_vs_io_bound: bad options are usage errors",
   for (std::vector<std::string> args : {std::vector<std::string>{"--rounds", "0"},
                                         {"--cpu-ms", "0"},
                                         {"--wait-ms", "x"}}) {
+    args.insert(args.begin(), bin);
+    auto r = testing::run(args);
+    INFO(args[1] << " " << args[2] << ": " << r.err);
+    CHECK(r.exit_code == 2);
+    CHECK(testing::count_lines(r.err) == 1);
+  }
+}
+
+TEST_CASE("6_performance/process_monitor: --pid of a process reads what ps reads",
+          "[lessons][6_performance]") {
+  Child sleeper({"/bin/sleep", "30"});
+  auto r = testing::run_lesson_json("6_performance/process_monitor",
+                                    {"--pid", std::to_string(sleeper.pid()), "--interval", "0.1"});
+  auto [ps_rss, ps_threads] = ps_rss_threads(sleeper.pid());
+  CHECK(r["demo"] == false);
+  CHECK(r["root"] == sleeper.pid());
+  CHECK(r["count"] == 1);  // --json: one sample
+  REQUIRE(r["samples"].size() == 1);
+  const auto& s = r["samples"][0];
+  CHECK(s["root_gone"] == false);
+  CHECK(s["gone"].empty());
+  REQUIRE(s["processes"].size() == 1);  // sleep has no children
+  const auto& p = s["processes"][0];
+  CHECK(p["pid"] == sleeper.pid());
+  CHECK(p["ppid"] == ::getpid());
+  CHECK(p["name"] == "sleep");
+  CHECK(p["state"] == "S");
+  CHECK(p["depth"] == 0);
+  // An idle sleep: its RSS can move by a page or two between the two readings, not more.
+  long rss_kib = p["rss"].get<long>() / 1024;
+  INFO("monitor " << rss_kib << " KiB, ps " << ps_rss << " KiB");
+  CHECK(std::labs(rss_kib - ps_rss) <= 64);
+  CHECK(p["threads"] == ps_threads);
+  // PSS and USS are parts of RSS; an idle process has used next to no CPU.
+  CHECK(p["pss"].get<long>() <= p["rss"].get<long>());
+  CHECK(p["uss"].get<long>() <= p["pss"].get<long>());
+  CHECK(p["fds"].get<int>() >= 3);  // at least stdin, stdout and stderr
+  CHECK(p["cpu_percent"].get<double>() >= 0);
+}
+
+TEST_CASE("6_performance/process_monitor: --pid of a tree lists every descendant under its parent",
+          "[lessons][6_performance]") {
+  Child shell({"/bin/sh", "-c", "sleep 30 & sleep 30 & wait"});
+  // The shell starts its two sleeps soon after it starts: wait for them (a hang guard, not
+  // a speed check).
+  std::vector<pid_t> kids;
+  for (int i = 0; i < 1000 && kids.size() < 2; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    kids = mp::children(shell.pid());
+  }
+  REQUIRE(kids.size() == 2);
+  auto r = testing::run_lesson_json(
+      "6_performance/process_monitor",
+      {"--pid", std::to_string(shell.pid()), "--interval", "0.1", "--count", "2"});
+  REQUIRE(r["samples"].size() == 2);
+  for (const auto& s : r["samples"]) {
+    INFO(s.dump());
+    REQUIRE(s["processes"].size() == 3);
+    CHECK(s["processes"][0]["pid"] == shell.pid());
+    CHECK(s["processes"][0]["depth"] == 0);
+    for (pid_t k : kids) {
+      const nlohmann::json* p = find_process(s, k);
+      REQUIRE(p != nullptr);
+      CHECK((*p)["ppid"] == shell.pid());
+      CHECK((*p)["depth"] == 1);
+      CHECK((*p)["name"] == "sleep");
+    }
+  }
+  for (pid_t k : kids) {
+    auto [ps_rss, ps_threads] = ps_rss_threads(k);
+    const nlohmann::json* p = find_process(r["samples"][1], k);
+    REQUIRE(p != nullptr);
+    CHECK(std::labs((*p)["rss"].get<long>() / 1024 - ps_rss) <= 64);
+    CHECK((*p)["threads"] == ps_threads);
+  }
+}
+
+TEST_CASE("6_performance/process_monitor: --pid of a process that does not exist is one line, exit 1",
+          "[lessons][6_performance]") {
+  pid_t dead = 0;
+  {
+    Child gone({"/bin/true"});
+    dead = gone.pid();
+  }  // reaped: the pid is free
+  REQUIRE_FALSE(mp::pid_exists(dead));
+  auto bin = testing::lesson_binary("6_performance/process_monitor");
+  auto r = testing::run({bin, "--pid", std::to_string(dead)});
+  CHECK(r.exit_code == 1);
+  CHECK(r.out.empty());
+  CHECK(testing::count_lines(r.err) == 1);
+  CHECK_THAT(r.err, Catch::Contains("cannot watch pid " + std::to_string(dead)));
+  CHECK_THAT(r.err, Catch::Contains("no such process"));
+}
+
+TEST_CASE("6_performance/process_monitor: the demo tree's processes, a zombie, then gone",
+          "[lessons][6_performance]") {
+  testing::adopt_orphans();
+  auto r = testing::run_lesson_json("6_performance/process_monitor",
+                                    {"--quick", "--count", "4"});
+  CHECK(r["demo"] == true);
+  CHECK(r["count"] == 4);
+  const auto& samples = r["samples"];
+  REQUIRE(samples.size() == 4);
+  const auto& pids = r["demo_pids"];
+  for (const char* n : {"cpu", "sleeper", "allocator", "threads", "parent", "grandchild", "exiting"}) {
+    INFO(n);
+    REQUIRE(pids.contains(n));
+  }
+  pid_t root = r["root"];
+  // Sample 1: every child under the monitor, the grandchild under 'parent', one level down.
+  const auto& first = samples[0];
+  CHECK(first["processes"][0]["pid"] == root);
+  for (const auto& [n, pid] : pids.items()) {
+    INFO(n);
+    const nlohmann::json* p = find_process(first, pid.get<pid_t>());
+    REQUIRE(p != nullptr);
+    CHECK((*p)["ppid"] == (n == "grandchild" ? pids["parent"] : nlohmann::json(root)));
+    CHECK((*p)["depth"] == (n == "grandchild" ? 2 : 1));
+  }
+  CHECK(r["parents_right"] == true);
+  // Facts of every sample: 4 threads, a sleeping sleeper, RSS covering what was written.
+  const auto& touched = r["allocator_touched_bytes"];
+  REQUIRE(touched.size() == 4);
+  for (std::size_t i = 0; i < samples.size(); ++i) {
+    INFO("sample " << i + 1);
+    const auto* t = find_process(samples[i], pids["threads"].get<pid_t>());
+    REQUIRE(t != nullptr);
+    CHECK((*t)["threads"] == 4);
+    const auto* sl = find_process(samples[i], pids["sleeper"].get<pid_t>());
+    REQUIRE(sl != nullptr);
+    CHECK((*sl)["state"] == "S");
+    const auto* a = find_process(samples[i], pids["allocator"].get<pid_t>());
+    REQUIRE(a != nullptr);
+    CHECK((*a)["rss"].get<std::uint64_t>() >= touched[i].get<std::uint64_t>());
+    CHECK(touched[i].get<std::uint64_t>() >= (i > 0 ? touched[i - 1].get<std::uint64_t>() : 1));
+    // Nothing is listed as gone except 'exiting', in sample 3.
+    if (i != 2) CHECK(samples[i]["gone"].empty());
+  }
+  // 'exiting': running, then a zombie (ended, not reaped), then gone (reaped), then absent.
+  pid_t ex = pids["exiting"];
+  const auto* e1 = find_process(samples[0], ex);
+  REQUIRE(e1 != nullptr);
+  CHECK((*e1)["state"] != "Z");
+  const auto* e2 = find_process(samples[1], ex);
+  REQUIRE(e2 != nullptr);
+  CHECK((*e2)["state"] == "Z");
+  CHECK((*e2)["rss"] == 0);
+  CHECK(find_process(samples[2], ex) == nullptr);
+  REQUIRE(samples[2]["gone"].size() == 1);
+  CHECK(samples[2]["gone"][0]["pid"] == ex);
+  CHECK(samples[2]["gone"][0]["name"] == "exiting");  // mp names the child after its Process
+  CHECK(find_process(samples[3], ex) == nullptr);
+  CHECK(r["exiting_state_in_2"] == "Z");
+  CHECK(r["exiting_gone_in_3"] == true);
+  CHECK(r["children_exit_0"] == true);
+  CHECK(r["children_left"] == 0);
+  CHECK(testing::no_children());
+}
+
+TEST_CASE("6_performance/process_monitor: bad options are usage errors", "[lessons][6_performance]") {
+  auto bin = testing::lesson_binary("6_performance/process_monitor");
+  for (std::vector<std::string> args : {std::vector<std::string>{"--pid", "0"},
+                                        {"--interval", "0"},
+                                        {"--count", "-1"},
+                                        {"--pid", "x"}}) {
+    args.insert(args.begin(), bin);
+    auto r = testing::run(args);
+    INFO(args[1] << " " << args[2] << ": " << r.err);
+    CHECK(r.exit_code == 2);
+    CHECK(testing::count_lines(r.err) == 1);
+  }
+}
+
+TEST_CASE("6_performance/memory_overhead_benchmark: copy-on-write moves pages from shared to own",
+          "[lessons][6_performance]") {
+  auto r = testing::run_lesson_json("6_performance/memory_overhead_benchmark", {"--quick"});
+  const std::uint64_t mib = 1024 * 1024;
+  CHECK(r["mib"] == 16);
+  const std::uint64_t bytes = r["buffer_bytes"];
+  CHECK(bytes == 16 * mib);
+  const std::uint64_t page = r["page_size"];
+  REQUIRE(page > 0);
+  const auto& cow = r["cow"];
+  REQUIRE(cow.size() == 4);
+  const std::vector<int> percents{0, 10, 50, 100};
+  for (std::size_t i = 0; i < cow.size(); ++i) {
+    INFO(cow[i].dump());
+    CHECK(cow[i]["percent"] == percents[i]);
+    std::uint64_t n = cow[i]["pages_written"];
+    CHECK(n == bytes / page * static_cast<std::uint64_t>(percents[i]) / 100);
+    CHECK(cow[i]["bytes_written"].get<std::uint64_t>() == n * page);
+  }
+  // USS: never smaller after more writes, larger by at least 90% of the bytes written
+  // (each written page is now the child's own copy).
+  auto uss = [&](std::size_t i) { return cow[i]["child"]["uss"].get<double>(); };
+  auto pss = [&](std::size_t i) { return cow[i]["child"]["pss"].get<double>(); };
+  for (std::size_t i = 1; i < cow.size(); ++i) {
+    INFO(cow[i].dump());
+    CHECK(uss(i) >= uss(i - 1));
+    CHECK(uss(i) - uss(0) >= 0.9 * cow[i]["bytes_written"].get<double>());
+  }
+  // Untouched, the buffer is shared by two: the child's PSS counts half of it, its RSS all.
+  const auto& zero = cow[0]["child"];
+  double gap = zero["rss"].get<double>() - zero["pss"].get<double>();
+  CHECK(gap >= 0.45 * static_cast<double>(bytes));
+  CHECK(r["untouched_rss_minus_pss"].get<double>() == Approx(gap).margin(1));
+  // Written whole, each page went from counted half to counted whole in the child's PSS.
+  CHECK(pss(3) - pss(0) >= 0.4 * static_cast<double>(bytes));
+  CHECK(r["uss_monotonic"] == true);
+  CHECK(r["uss_growth_covers_written"] == true);
+  CHECK(r["untouched_pss_halved"] == true);
+}
+
+TEST_CASE("6_performance/memory_overhead_benchmark: every start method, pool and thread reading",
+          "[lessons][6_performance]") {
+  auto r = testing::run_lesson_json("6_performance/memory_overhead_benchmark",
+                                    {"--quick", "--mib", "4", "--workers", "3"});
+  CHECK(r["mib"] == 4);
+  CHECK(r["buffer_bytes"] == 4 * 1024 * 1024);
+  auto ordered = [](const nlohmann::json& m) {
+    double rss = m["rss"], pss = m["pss"], uss = m["uss"];
+    CHECK(uss > 0);
+    CHECK(uss <= pss + 8192);
+    CHECK(pss <= rss + 8192);
+  };
+  for (const char* m : {"fork", "spawn", "forkserver"}) {
+    INFO(m);
+    REQUIRE(r["idle_child"].contains(m));
+    ordered(r["idle_child"][m]);
+    CHECK(r["idle_child"][m]["exitcode"] == 0);
+    REQUIRE(r["pool"].contains(m));
+    const auto& p = r["pool"][m];
+    ordered(p);
+    CHECK(p["workers"] == 3);
+    CHECK(p["map_right"] == true);
+    CHECK(p["uss_per_worker"].get<std::uint64_t>() == p["uss"].get<std::uint64_t>() / 3);
+  }
+  ordered(r["parent"]);
+  const auto& t = r["threads"];
+  CHECK(t["count"] == 3);
+  CHECK(t["threads_after"].get<int>() == t["threads_before"].get<int>() + 3);
+  CHECK(t["rss_growth"].get<double>() ==
+        Approx(t["rss_after"].get<double>() - t["rss_before"].get<double>()));
+  CHECK(r["threads_counted"] == true);
+  CHECK(r["readings_ordered"] == true);
+  CHECK(r["children_ok"] == true);
+}
+
+TEST_CASE("6_performance/memory_overhead_benchmark: bad options are usage errors",
+          "[lessons][6_performance]") {
+  auto bin = testing::lesson_binary("6_performance/memory_overhead_benchmark");
+  for (std::vector<std::string> args : {std::vector<std::string>{"--mib", "0"},
+                                        {"--mib", "x"},
+                                        {"--workers", "0"}}) {
     args.insert(args.begin(), bin);
     auto r = testing::run(args);
     INFO(args[1] << " " << args[2] << ": " << r.err);
