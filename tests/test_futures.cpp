@@ -3,7 +3,10 @@
 // worker by the initializer; every order asserted is an order by construction, and
 // timeouts are hang guards only.
 #include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <cerrno>
 
 #include <atomic>
 #include <catch2/catch.hpp>
@@ -44,6 +47,15 @@ int dies_at_7(int x) {
   return x;
 }
 void nothing() {}
+
+// No child of this process is left unreaped.
+bool no_zombies() {
+  siginfo_t info{};
+  int r = ::waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT);
+  if ((r == -1 && errno == ECHILD) || (r == 0 && info.si_pid == 0)) return true;
+  UNSCOPED_INFO("unreaped child " << info.si_pid);
+  return false;
+}
 
 void wait_for(const std::function<bool()>& condition) {
   auto deadline = std::chrono::steady_clock::now() + 60s;  // a hang guard
@@ -248,12 +260,15 @@ TEST_CASE("futures: shutdown with cancel_futures cancels what is not done", "[fu
 
 TEST_CASE("futures: shutdown(wait) lets submitted work finish; submit then fails",
           "[futures]") {
+  testing::ShmGuard guard;
   std::vector<mp::Future<int>> fs;
   {
     mp::ProcessPoolExecutor ex{{.max_workers = 2}};
     for (int i = 0; i < 10; ++i) fs.push_back(ex.submit(square, i));
   }  // the destructor is shutdown(wait=true)
   for (int i = 0; i < 10; ++i) CHECK(fs[i].result(0s) == i * i);
+  CHECK(no_zombies());
+  CHECK(guard.leaked().empty());
 }
 
 TEST_CASE("futures: a worker SIGKILLed in a task fails that future only", "[futures]") {
@@ -287,4 +302,5 @@ TEST_CASE("futures: terminate_workers and kill_workers fail unfinished futures",
   CHECK_THROWS(a.result(0s));
   CHECK_THROWS(b.result(0s));
   CHECK_THROWS_AS(ex.submit(square, 1), std::runtime_error);
+  CHECK(no_zombies());
 }

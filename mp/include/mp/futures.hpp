@@ -29,6 +29,9 @@
 //   future is cancelled at once (result() throws mp::CancelledError, callbacks run), but
 //   the work itself still runs in a worker and its result is discarded. It fails (false)
 //   once the future is done.
+// - The engine may give a task to a worker that is still busy with an earlier one (it
+//   keeps each worker's inbox ahead), so a task that blocks can hold up tasks submitted
+//   after it on the same worker. Do not make a task wait for one submitted later.
 // - shutdown(cancel_futures=true) cancels, in that sense, every future not done yet.
 // - map() is eager: it submits every item, then waits for all and returns a vector (the
 //   timeout counts from the call, as in Python). as_completed() is eager too: it returns
