@@ -13,6 +13,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <mp/connection.hpp>  // its mp::wait overloads must not clash with futures'
 #include <mp/futures.hpp>
 #include <mp/sync.hpp>
 #include <optional>
