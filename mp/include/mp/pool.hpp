@@ -282,11 +282,20 @@ void reserve_items(JobBase& job, const Items& items) {
 
 // A job with one final value of type T (T = R for apply, std::vector<R> for map).
 template <class T>
+struct ResultCallback {
+  using type = std::function<void(const T&)>;
+};
+template <>
+struct ResultCallback<void> {
+  using type = std::function<void()>;
+};
+
+template <class T>
 class ResultJob : public JobBase {
  public:
   using Stored = std::conditional_t<std::is_void_v<T>, std::monostate, T>;
-  using Callback =
-      std::conditional_t<std::is_void_v<T>, std::function<void()>, std::function<void(const T&)>>;
+  // (a trait, not conditional_t: std::function<void(const void&)> must not be formed)
+  using Callback = typename ResultCallback<T>::type;
   using ErrorCallback = std::function<void(const std::exception&)>;
 
   Callback callback;
