@@ -571,40 +571,45 @@ namespace {
 // A server that stops at a given point of the handshake, as one killed there would.
 enum class HangUp { at_accept, after_challenge, after_answer, reset_after_answer, wrong_key };
 
-void write_frame(int fd, const std::string& body) {
+// No Catch assertion here: they run on the server thread, and Catch is not thread-safe.
+// Each returns false when a call failed; the test checks that on the main thread.
+bool write_frame(int fd, const std::string& body) {
   std::string frame(4, '\0');
   auto len = static_cast<std::uint32_t>(body.size());
   std::memcpy(frame.data(), &len, 4);
   frame += body;
-  REQUIRE(::send(fd, frame.data(), frame.size(), MSG_NOSIGNAL) == ssize_t(frame.size()));
+  return ::send(fd, frame.data(), frame.size(), MSG_NOSIGNAL) == ssize_t(frame.size());
 }
 
-void read_bytes(int fd, std::size_t n) {
+bool read_bytes(int fd, std::size_t n) {
   std::string buf(n, '\0');
   std::size_t got = 0;
   while (got < n) {
     ssize_t r = ::recv(fd, buf.data() + got, n - got, 0);
-    REQUIRE(r > 0);
+    if (r <= 0) return false;
     got += std::size_t(r);
   }
+  return true;
 }
 
-void serve_once(int listener, HangUp how) {
+bool serve_once(int listener, HangUp how) {
   int c = ::accept(listener, nullptr, nullptr);
-  REQUIRE(c >= 0);
+  if (c < 0) return false;
+  bool ok = true;
   if (how != HangUp::at_accept) {
-    write_frame(c, "#CHALLENGE#" + std::string(40, 'n'));
-    if (how != HangUp::after_challenge) {
-      read_bytes(c, 4 + 32);  // the framed HMAC-SHA256 answer
-      if (how == HangUp::reset_after_answer) {
+    ok = write_frame(c, "#CHALLENGE#" + std::string(40, 'n'));
+    if (ok && how != HangUp::after_challenge) {
+      ok = read_bytes(c, 4 + 32);  // the framed HMAC-SHA256 answer
+      if (ok && how == HangUp::reset_after_answer) {
         linger l{1, 0};  // close with a reset, as the kernel does for a killed process
-        REQUIRE(::setsockopt(c, SOL_SOCKET, SO_LINGER, &l, sizeof l) == 0);
-      } else if (how == HangUp::wrong_key) {
-        write_frame(c, "#FAILURE#");
+        ok = ::setsockopt(c, SOL_SOCKET, SO_LINGER, &l, sizeof l) == 0;
+      } else if (ok && how == HangUp::wrong_key) {
+        ok = write_frame(c, "#FAILURE#");
       }
     }
   }
   ::close(c);
+  return ok;
 }
 
 }  // namespace
@@ -625,7 +630,8 @@ TEST_CASE("a server that goes away during the handshake gives ManagerGoneError, 
   auto how = GENERATE(HangUp::at_accept, HangUp::after_challenge, HangUp::after_answer,
                       HangUp::reset_after_answer, HangUp::wrong_key);
   INFO("the server stops " << int(how));
-  std::thread server([&] { serve_once(l, how); });
+  bool served = false;
+  std::thread server([&] { served = serve_once(l, how); });
   if (how == HangUp::wrong_key) {
     // The one case where the exchange completed, and its verdict is "wrong key".
     CHECK_THROWS_AS(mp::connect(address, "k"), mp::AuthenticationError);
@@ -633,6 +639,7 @@ TEST_CASE("a server that goes away during the handshake gives ManagerGoneError, 
     CHECK_THROWS_AS(mp::connect(address, "k"), mp::ManagerGoneError);
   }
   server.join();
+  CHECK(served);
   ::close(l);
 }
 
