@@ -62,6 +62,7 @@
 #include "mp/detail/futures_state.hpp"
 #include "mp/error.hpp"
 #include "mp/pool.hpp"
+#include "mp/sync.hpp"  // detail::deadline_from: the one timeout-to-deadline rule
 
 namespace mp {
 
@@ -113,7 +114,7 @@ class Future {
     return *state_;
   }
   void wait_done(std::optional<Seconds> timeout, const char* what) const {
-    if (!state().wait_until(detail::future_deadline(timeout))) {
+    if (!state().wait_until(detail::deadline_from(timeout))) {
       throw TimeoutError(fmt::format("cannot get the {} of a future: not done after {}s", what,
                                      timeout->count()));
     }
@@ -123,8 +124,8 @@ class Future {
 
 struct ExecutorOptions {
   std::size_t max_workers = 0;  // 0: cpu_count()
-  std::optional<Context> mp_context;  // empty: the default start method
-  Initializer initializer;
+  std::optional<Context> mp_context{};  // empty: the default start method
+  Initializer initializer{};
   std::size_t max_tasks_per_child = 0;  // 0: never replaced
 };
 
@@ -168,7 +169,7 @@ class ProcessPoolExecutor {
   // rethrown; TimeoutError when the results are not all there `timeout` after the call.
   template <class F, std::ranges::input_range Items>
   auto map(F&& f, Items&& items, std::optional<Seconds> timeout = std::nullopt) {
-    auto deadline = detail::future_deadline(timeout);
+    auto deadline = detail::deadline_from(timeout);
     using V = std::ranges::range_value_t<Items>;
     using R = detail::task_result_t<F, V>;
     std::vector<Future<R>> futures;
@@ -254,15 +255,11 @@ struct CompletionWaiter {
   std::condition_variable cv;
   std::vector<std::size_t> order;  // indices, in completion order
 };
-}  // namespace detail
 
-// Every future, in the order they complete (cancelled ones count as complete). Throws
-// TimeoutError when they are not all done within `timeout`.
-template <class R>
-std::vector<Future<R>> as_completed(std::vector<Future<R>> futures,
-                                    std::optional<Seconds> timeout = std::nullopt) {
-  auto deadline = detail::future_deadline(timeout);
-  auto w = std::make_shared<detail::CompletionWaiter>();
+// A waiter that every future reports its completion to, by index (at once if done already).
+template <class Futures>
+std::shared_ptr<CompletionWaiter> watch_completions(const Futures& futures) {
+  auto w = std::make_shared<CompletionWaiter>();
   for (std::size_t i = 0; i < futures.size(); ++i) {
     futures[i].base().add_done_callback([w, i] {
       {
@@ -272,6 +269,17 @@ std::vector<Future<R>> as_completed(std::vector<Future<R>> futures,
       w->cv.notify_all();
     });
   }
+  return w;
+}
+}  // namespace detail
+
+// Every future, in the order they complete (cancelled ones count as complete). Throws
+// TimeoutError when they are not all done within `timeout`.
+template <class R>
+std::vector<Future<R>> as_completed(std::vector<Future<R>> futures,
+                                    std::optional<Seconds> timeout = std::nullopt) {
+  auto deadline = detail::deadline_from(timeout);
+  auto w = detail::watch_completions(futures);
   std::unique_lock lock(w->mutex);
   auto all = [&] { return w->order.size() == futures.size(); };
   if (!deadline) {
@@ -292,17 +300,8 @@ template <class R>
 WaitResult<R> wait(const std::vector<Future<R>>& futures,
                    std::optional<Seconds> timeout = std::nullopt,
                    ReturnWhen return_when = ALL_COMPLETED) {
-  auto deadline = detail::future_deadline(timeout);
-  auto w = std::make_shared<detail::CompletionWaiter>();
-  for (std::size_t i = 0; i < futures.size(); ++i) {
-    futures[i].base().add_done_callback([w, i] {
-      {
-        std::lock_guard lock(w->mutex);
-        w->order.push_back(i);
-      }
-      w->cv.notify_all();
-    });
-  }
+  auto deadline = detail::deadline_from(timeout);
+  auto w = detail::watch_completions(futures);
   auto failed = [&](std::size_t i) {
     const auto& b = futures[i].base();
     return b.phase() == detail::FutureStateBase::Phase::finished && b.error() != nullptr;

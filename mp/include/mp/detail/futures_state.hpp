@@ -16,13 +16,6 @@ namespace mp::detail {
 
 using FutureClock = std::chrono::steady_clock;
 
-inline std::optional<FutureClock::time_point> future_deadline(
-    std::optional<std::chrono::duration<double>> timeout) {
-  if (!timeout) return std::nullopt;
-  auto t = std::min(*timeout, std::chrono::duration<double>(1e9));
-  return FutureClock::now() + std::chrono::duration_cast<FutureClock::duration>(t);
-}
-
 // What every future shares whatever its result type: the state, the waiters, the callbacks.
 class FutureStateBase {
  public:
