@@ -742,6 +742,16 @@ std::atomic<pid_t>* arrivals(detail::BarrierState& s) noexcept {
                                                sizeof(detail::BarrierState));
 }
 
+// The first of the parties [0, n) that arrived and have ended since, or n. `me` (this
+// process: another thread of it may be a party) is alive by definition.
+std::uint32_t first_dead_party(std::atomic<pid_t>* arrived_at, std::uint32_t n, pid_t me) {
+  for (std::uint32_t i = 0; i < n; ++i) {
+    pid_t pid = arrived_at[i].load();
+    if (pid != me && pid > 0 && process_ended(pid)) return i;
+  }
+  return n;
+}
+
 }  // namespace
 
 Barrier::Barrier(int parties, std::optional<Seconds> timeout) {
@@ -829,9 +839,7 @@ int Barrier::wait_until(const detail::Deadline& deadline) {
     // still alive: a round that "passed" with a dead party would let the survivors go on as
     // if it had done its share. The waiters' own periodic check cannot be relied on here:
     // the last party may arrive before any of them looks.
-    for (std::uint32_t i = 0; i < index; ++i) {
-      pid_t pid = arrived_at[i].load();
-      if (pid == me || pid <= 0 || !process_ended(pid)) continue;
+    if (first_dead_party(arrived_at, index, me) < index) {
       break_locked(kPartyDied);
       detail::mutex_release(s.lock, "a Barrier's lock");
       throw BrokenBarrierError(broken_message(kPartyDied));
@@ -880,16 +888,15 @@ int Barrier::wait_until(const detail::Deadline& deadline) {
     if (now >= next_check) {
       next_check = now + kLivenessPeriod;
       std::uint32_t arrived = std::min(s.count.load(), s.parties);
-      for (std::uint32_t i = 0; i < arrived; ++i) {
+      std::uint32_t i = first_dead_party(arrived_at, arrived, me);
+      if (i < arrived) {
         pid_t pid = arrived_at[i].load();
-        if (pid == me || pid <= 0 || !process_ended(pid)) continue;
         lock_state();
         if (s.generation.load() == g && s.broken.load() == kNotBroken && i < s.count.load() &&
             arrived_at[i].load() == pid) {
           break_locked(kPartyDied);
         }
         detail::mutex_release(s.lock, "a Barrier's lock");
-        break;
       }
       continue;
     }
