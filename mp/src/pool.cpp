@@ -36,6 +36,7 @@
 #include <typeinfo>
 
 #include "mp/detail/fd.hpp"
+#include "mp/detail/fork_gate.hpp"
 #include "mp/detail/futex.hpp"
 #include "mp/detail/region.hpp"
 
@@ -653,8 +654,10 @@ class PoolEngine {
           }
         }
       }
-      service_ = std::thread([this] { service_main(); });
-      callbacks_ = std::thread([this] { callback_main(); });
+      // Both threads allocate from their first instruction: they start inside busy spans
+      // (a fork elsewhere waits for their safe points, mp/detail/fork_gate.hpp).
+      service_ = start_busy_thread([this](BusySpan& span) { service_main(span); });
+      callbacks_ = start_busy_thread([this](BusySpan& span) { callback_main(span); });
     } catch (...) {
       if (service_.joinable()) {  // it stops the workers itself
         {
@@ -861,7 +864,8 @@ class PoolEngine {
 
   // ---- the service thread
 
-  void service_main() noexcept {
+  void service_main(BusySpan& span) noexcept {
+    span_ = &span;
     try {
       loop();
     } catch (const std::exception& e) {
@@ -883,6 +887,7 @@ class PoolEngine {
   void loop() {
     auto last_check = std::chrono::steady_clock::now();
     for (;;) {
+      span_->checkpoint();  // between two steps: a waiting fork may go now
       bool progress = intake();
       for (auto& w : workers_) {
         if (w && drain(*w)) progress = true;
@@ -1268,7 +1273,7 @@ class PoolEngine {
           static_cast<int>(std::chrono::ceil<std::chrono::milliseconds>(retry_at_ - now).count());
       timeout = timeout < 0 ? retry : std::min(timeout, retry);
     }
-    int r = ::poll(fds.data(), fds.size(), timeout);
+    int r = span_->idle([&] { return ::poll(fds.data(), fds.size(), timeout); });
     parked.store(0, std::memory_order_relaxed);
     if (r == -1 && errno != EINTR) throw_errno("wait for the pool's workers");
     if (fds[0].revents & POLLIN) {
@@ -1294,7 +1299,7 @@ class PoolEngine {
       auto left =
           std::chrono::ceil<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
       if (fds.empty() || left.count() <= 0) break;
-      ::poll(fds.data(), fds.size(), static_cast<int>(left.count()));
+      span_->idle([&] { return ::poll(fds.data(), fds.size(), static_cast<int>(left.count())); });
     }
     kill_all_workers();
   }
@@ -1333,19 +1338,27 @@ class PoolEngine {
     drop_workers();
   }
 
-  void callback_main() noexcept {
+  // Its busy span covers its own start, end and the release of each job: it sleeps, and
+  // runs the user's callbacks (which may block, or start processes), outside the span. It
+  // re-enters the span with no lock held: the service thread, busy, takes cb_mutex_.
+  void callback_main(BusySpan& span) noexcept {
     for (;;) {
       std::shared_ptr<JobBase> job;
-      {
+      bool stop = span.idle([&] {
         std::unique_lock lock(cb_mutex_);
         cb_cv_.wait(lock, [&] { return !cb_queue_.empty() || cb_stop_; });
-        if (cb_queue_.empty()) return;
+        if (cb_queue_.empty()) return true;
         job = std::move(cb_queue_.front());
         cb_queue_.pop_front();
-      }
-      job->complete();  // runs the callbacks (reporting what they throw), then ready
+        return false;
+      });
+      if (stop) return;
+      span.idle([&] { job->complete(); });  // runs the callbacks (reporting what they throw), then ready
+      job.reset();  // in the span: this may free the job
     }
   }
+
+  BusySpan* span_ = nullptr;  // the service thread's, while it runs
 
   // Configuration.
   Initializer initializer_;

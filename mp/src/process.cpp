@@ -19,6 +19,7 @@
 
 #include "mp/detail/child.hpp"
 #include "mp/detail/fd.hpp"
+#include "mp/detail/fork_gate.hpp"
 #include "mp/detail/pidfd.hpp"
 
 namespace mp {
@@ -288,6 +289,7 @@ void enter_child(const LaunchSpec& spec, const ProcessInfo& parent, pid_t reaper
 class ForkMethod final : public StartMethod {
  public:
   std::string_view name() const noexcept override { return "fork"; }
+  bool forks_this_process() const noexcept override { return true; }
 
   Launched launch(const LaunchSpec& spec) override {
     // Unflushed output would otherwise be printed twice, once by each process.
@@ -301,6 +303,7 @@ class ForkMethod final : public StartMethod {
       // ThreadSanitizer sees (a re-construction in enter_child would leave TSan believing
       // the lock is still held, and report the next lock as a double lock).
       registry().mutex.unlock();
+      fork_gate_after_fork_in_child();
       enter_child(spec, parent, parent.pid);
       run_child_and_exit(spec);
     }
@@ -442,6 +445,11 @@ void Process::start() {
   state->daemon = spec_.daemon;
   state->detached = spec_.detached;
 
+  // A fork waits until mp's background threads (pool service threads) are at a safe point,
+  // not holding the allocator's locks (mp/detail/fork_gate.hpp); the gate comes before the
+  // registry lock, which those threads may take.
+  std::optional<detail::ForkGuard> gate;
+  if (context_.method().forks_this_process()) gate.emplace();
   detail::Registry& reg = detail::registry();
   // Holding the registry lock across the launch keeps other threads from changing it
   // while a fork copies it.

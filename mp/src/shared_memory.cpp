@@ -29,6 +29,7 @@
 #include <utility>
 
 #include "mp/detail/fd.hpp"
+#include "mp/detail/fork_gate.hpp"
 #include "mp/detail/pidfd.hpp"
 #include "mp/error.hpp"
 
@@ -344,7 +345,11 @@ class Tracker {
     UniqueFd self_pidfd(pidfd_open(::getpid()));
     if (!self_pidfd) throw_errno("open a pidfd of this process for the shared memory tracker");
 
-    pid_t mid = ::fork();
+    pid_t mid = -1;
+    {
+      ForkGuard gate;  // mp's background threads at a safe point (mp/detail/fork_gate.hpp)
+      mid = ::fork();
+    }
     if (mid == -1) throw_errno("fork the shared memory tracker");
     if (mid == 0) {
       // The intermediate: fork the tracker and leave at once, so that the tracker is

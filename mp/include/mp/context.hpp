@@ -43,6 +43,8 @@ class StartMethod {
   virtual std::string_view name() const noexcept = 0;
   // Creates a child that runs spec's target and exits. Throws system_error on failure.
   virtual Launched launch(const LaunchSpec& spec) = 0;
+  // Whether launch() forks this process (and must wait at the fork gate first).
+  virtual bool forks_this_process() const noexcept { return false; }
 };
 }  // namespace detail
 
