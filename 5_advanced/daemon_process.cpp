@@ -508,8 +508,7 @@ int main(int argc, char** argv) {
                                          {"work_ms", work_ms},
                                          {"middle_seconds", p.middle_seconds}});
     L.fact("parent_sigkilled", nlohmann::json{{"middle_exitcode", *m.exitcode()},
-                                              {"child_killed_by_sigkill", orphan_killed},
-                                              {"child_adopted_and_reaped_by_us", true}});
+                                              {"child_killed_by_sigkill", orphan_killed}});
     L.fact("unix_daemon",
            nlohmann::json{{"starter_exitcode", *s.exitcode()},
                           {"starter_gone", starter_gone},
