@@ -223,6 +223,8 @@ constexpr int kLifetimeSeconds = 30;  // a safety: a daemon nobody stops ends by
 
 // Waits for a child of this process (one mp did not start) and returns its wait status.
 int wait_child(pid_t pid) {
+  // waitpid(0) or waitpid(-1) would take any child: never let a missing pid get that far.
+  if (pid <= 0) throw std::logic_error(fmt::format("cannot wait for process {}", pid));
   int status = 0;
   if (mp::detail::retry_eintr([&] { return ::waitpid(pid, &status, 0); }) == -1)
     mp::throw_errno(fmt::format("wait for process {}", pid));
@@ -391,8 +393,14 @@ int main(int argc, char** argv) {
     mp::Process m{middle, fam, false, 10'000, true};
     m.set_name("middle");
     m.start();
-    wait_for([&] { return cell(fam.value().grandchild_ready).load() == 1; }, "the grandchild");
-    pid_t orphan = fam.value().grandchild_pid;
+    // Both: the grandchild may be ready before the middle process has stored its pid.
+    wait_for(
+        [&] {
+          return cell(fam.value().grandchild_ready).load() == 1 &&
+                 cell(fam.value().grandchild_pid).load() != 0;
+        },
+        "the grandchild and its pid");
+    pid_t orphan = cell(fam.value().grandchild_pid).load();
     m.kill();
     m.join();
     int orphan_status = wait_child(orphan);  // ours now: the kernel reparented it to us
@@ -487,8 +495,12 @@ int main(int argc, char** argv) {
 
     // Nothing is left: every process is gone, and we have no child at all, not a zombie.
     L.step("what is left");
-    int left_running = 0;
-    for (pid_t pid : everyone) left_running += !gone(pid);
+    std::vector<pid_t> left;
+    for (pid_t pid : everyone) {
+      if (pid <= 0) throw std::logic_error("a pid of 0 or less would name a process group");
+      if (!gone(pid)) left.push_back(pid);
+    }
+    int left_running = static_cast<int>(left.size());
     siginfo_t info{};
     bool no_children =
         ::waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT) == -1 && errno == ECHILD;
@@ -533,6 +545,7 @@ int main(int argc, char** argv) {
                           {"stop_seconds", stop_secs}});
     L.fact("processes_created", everyone.size());
     L.fact("processes_left", left_running);
+    L.fact("pids_left", left);
     L.fact("no_children_left", no_children);
     L.fact("pidfile_left", pidfile_left);
 
