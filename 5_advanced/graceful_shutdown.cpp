@@ -46,6 +46,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -362,9 +363,7 @@ int main(int argc, char** argv) {
             at_signal.size(), grace_used, second_signal ? "; a second signal cut it short" : "");
     }
     std::set<int> left = in_flight;
-    std::vector<pid_t> pids_seen;
-    for (std::int32_t i = 0; i < next_line.value(); ++i)
-      pids_seen.push_back(lines[static_cast<std::size_t>(i)].pid);
+    std::vector<pid_t> pids_seen = pool.worker_pids();  // the pool's own list, before the end
     std::size_t started = pool.workers_started();
     auto t_end = Clock::now();
     if (!left.empty()) {
@@ -396,9 +395,14 @@ int main(int argc, char** argv) {
 
     // Step 4: what is left.
     L.step("what is left");
-    int sigint_ignored = 0, sigint_was_blocked = 0, sigterm_unblocked = 0;
+    // Initializer lines: a worker writes its pid last, so a line with a pid is complete.
+    int sigint_ignored = 0, sigint_was_blocked = 0, sigterm_unblocked = 0, initialized = 0;
     for (std::int32_t i = 0; i < next_line.value(); ++i) {
       const WorkerLine& w = lines[static_cast<std::size_t>(i)];
+      if (w.pid == 0) continue;
+      ++initialized;
+      if (std::find(pids_seen.begin(), pids_seen.end(), w.pid) == pids_seen.end())
+        pids_seen.push_back(w.pid);
       sigint_ignored += w.sigint_ignored;
       sigint_was_blocked += w.sigint_was_blocked;
       sigterm_unblocked += w.sigterm_unblocked;
@@ -451,6 +455,7 @@ int main(int argc, char** argv) {
     L.fact("not_submitted", not_submitted);
     L.fact("accounted", accounted);
     L.fact("workers_started", started);
+    L.fact("workers_initialized", initialized);
     L.fact("workers_sigint_blocked_at_start", sigint_was_blocked);
     L.fact("workers_sigint_ignored", sigint_ignored);
     L.fact("workers_sigterm_unblocked", sigterm_unblocked);
@@ -459,8 +464,8 @@ int main(int argc, char** argv) {
     L.fact("shm_entries_left", shm_left.size());
 
     const auto w = static_cast<std::size_t>(workers);
-    bool workers_ok = started == w && pids_seen.size() == w && sigint_ignored == workers &&
-                      sigint_was_blocked == workers && sigterm_unblocked == workers;
+    bool workers_ok = started == w && pids_seen.size() == w && sigint_ignored == initialized &&
+                      sigint_was_blocked == initialized && sigterm_unblocked == initialized;
     bool books_ok = accounted == items && other_errors == 0 && failed == 0 &&
                     finished_in_grace + cancelled == static_cast<int>(at_signal.size()) &&
                     hung_cancelled == hung_in_flight;

@@ -320,6 +320,7 @@ void check_shutdown(const nlohmann::json& r, int workers, int items) {
         r["in_flight_at_signal"].get<int>());
   CHECK(r["hung_cancelled"] == r["hung_in_flight_at_signal"]);  // a hung task never finishes
   CHECK(r["workers_started"] == workers);  // no worker died of the signal
+  CHECK(r["workers_initialized"] == workers);  // each ran a task, so its initializer too
   CHECK(r["workers_sigint_blocked_at_start"] == workers);
   CHECK(r["workers_sigint_ignored"] == workers);
   CHECK(r["workers_sigterm_unblocked"] == workers);
