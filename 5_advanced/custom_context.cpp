@@ -70,8 +70,7 @@ struct Seen {
 };
 
 double now_seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 template <std::size_t N>
@@ -181,9 +180,9 @@ int main(int argc, char** argv) {
     L.say("get_all_start_methods(): {}", all);
     L.say("get_start_method() before any set: {} (and, unlike Python, the call fixes nothing)",
           initial);
-    for (const char* k : {"set spawn (first call)", "set spawn again (same method)",
-                          "set fork (a different method)", "set fork, force=true",
-                          "get_context(\"vfork\")"}) {
+    for (const char* k :
+         {"set spawn (first call)", "set spawn again (same method)",
+          "set fork (a different method)", "set fork, force=true", "get_context(\"vfork\")"}) {
       L.say("  {:<32} -> {}", k, rules[k]);
     }
     L.say("after the refusal the default was still {}; after force, {}; the lesson now sets {}",
@@ -223,14 +222,14 @@ int main(int argc, char** argv) {
     spawn_pool.join();
     bool overlapped = fv.start < sv.end && sv.start < fv.end;  // timing: reported
     auto show = [&](const char* what, const PoolView& v) {
-      L.say("  {:<5} pool: {} workers (e.g. '{}'), g_configured_by {}, parent {}, default "
-            "method {}",
-            what, v.pids.size(), v.a_name, v.configured_by, v.ppids, v.default_methods);
+      L.say(
+          "  {:<5} pool: {} workers (e.g. '{}'), g_configured_by {}, parent {}, default "
+          "method {}",
+          what, v.pids.size(), v.a_name, v.configured_by, v.ppids, v.default_methods);
     };
     show("fork", fv);
     show("spawn", sv);
-    L.say("the two pools' tasks overlapped in time: {} ({:.3f} s for both)", overlapped,
-          both_secs);
+    L.say("the two pools' tasks overlapped in time: {} ({:.3f} s for both)", overlapped, both_secs);
 
     // Step 4: one Process per context, all sharing one Queue and one Lock made without any.
     L.step("one Process per context, one Queue and one Lock for all");
@@ -275,8 +274,7 @@ int main(int argc, char** argv) {
     L.fact("contexts_compare_by_method", same_value);
     auto pool_fact = [&](const PoolView& v) {
       return nlohmann::json{{"workers", v.pids.size()},
-                            {"sees_configured_by_parent",
-                             v.configured_by == std::set<int>{me}},
+                            {"sees_configured_by_parent", v.configured_by == std::set<int>{me}},
                             {"sees_initial_value", v.configured_by == std::set<int>{0}},
                             {"ppid_is_parent", v.ppids == std::set<pid_t>{me}},
                             {"default_methods", v.default_methods},
@@ -306,7 +304,8 @@ int main(int argc, char** argv) {
                     per_method["fork"]["ppid_is_parent"] == true &&
                     per_method["spawn"]["ppid_is_parent"] == true &&
                     per_method["forkserver"]["ppid_is_parent"] == false;
-    for (const auto& [m, v] : per_method.items()) procs_ok = procs_ok && v["default_method"] == default_method;
+    for (const auto& [m, v] : per_method.items())
+      procs_ok = procs_ok && v["default_method"] == default_method;
     return rules_ok && pools_ok && procs_ok && plain_method == default_method && same_value &&
            mp::active_children().empty();
   });

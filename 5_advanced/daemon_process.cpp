@@ -74,9 +74,9 @@ namespace fs = std::filesystem;
 // What the middle process and its child report, in shared memory.
 struct Family {
   std::int32_t grandchild_pid;
-  std::int32_t grandchild_ready;      // the child's SIGTERM handler is installed
-  std::int32_t grandchild_sigterm;    // the child received SIGTERM
-  std::int32_t grandchild_finished;   // the child finished its work and returned
+  std::int32_t grandchild_ready;     // the child's SIGTERM handler is installed
+  std::int32_t grandchild_sigterm;   // the child received SIGTERM
+  std::int32_t grandchild_finished;  // the child finished its work and returned
 };
 
 std::atomic_ref<std::int32_t> cell(std::int32_t& x) { return std::atomic_ref<std::int32_t>(x); }
@@ -194,7 +194,8 @@ constexpr int kLifetimeSeconds = 30;  // a safety: a daemon nobody stops ends by
   ::umask(0);  // the modes given to open() and mkdir() are the modes the files get
   if (::chdir("/") == -1) fail(kSetupFailed);
   // Every descriptor but the notify pipe closed; 0, 1 and 2 on /dev/null.
-  if (notify > 0 && ::close_range(0, static_cast<unsigned>(notify) - 1, 0) == -1) fail(kSetupFailed);
+  if (notify > 0 && ::close_range(0, static_cast<unsigned>(notify) - 1, 0) == -1)
+    fail(kSetupFailed);
   if (::close_range(static_cast<unsigned>(notify) + 1, ~0U, 0) == -1) fail(kSetupFailed);
   int null = ::open("/dev/null", O_RDWR);
   if (null != 0) fail(kSetupFailed);
@@ -203,7 +204,8 @@ constexpr int kLifetimeSeconds = 30;  // a safety: a daemon nobody stops ends by
   // the lock taken and leaves the file as it is.
   int fd = ::open(pidfile, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd == -1) fail(kSetupFailed);
-  if (::flock(fd, LOCK_EX | LOCK_NB) == -1) fail(errno == EWOULDBLOCK ? kAlreadyRunning : kSetupFailed);
+  if (::flock(fd, LOCK_EX | LOCK_NB) == -1)
+    fail(errno == EWOULDBLOCK ? kAlreadyRunning : kSetupFailed);
   char text[32];
   int n = std::snprintf(text, sizeof text, "%d\n", static_cast<int>(::getpid()));
   if (::ftruncate(fd, 0) == -1 || ::pwrite(fd, text, static_cast<std::size_t>(n), 0) != n)
@@ -287,7 +289,8 @@ struct Stat {
 Stat read_stat(pid_t pid) {
   std::ifstream in(fmt::format("/proc/{}/stat", pid));
   std::string line;
-  if (!std::getline(in, line)) throw std::runtime_error(fmt::format("cannot read /proc/{}/stat", pid));
+  if (!std::getline(in, line))
+    throw std::runtime_error(fmt::format("cannot read /proc/{}/stat", pid));
   // "pid (comm) state ppid pgrp session tty_nr ...": comm may hold spaces and ')'.
   auto close = line.rfind(')');
   if (close == std::string::npos)
@@ -382,9 +385,10 @@ int main(int argc, char** argv) {
     everyone.insert(everyone.end(), {p.middle, p.grandchild});
     L.say("middle {} started child {} ({} ms of work) and returned; it exited after {:.3f} s",
           p.middle, p.grandchild, work_ms, p.middle_seconds);
-    L.say("the child had finished its work when the middle process ended: {}; got SIGTERM {}; "
-          "gone {}",
-          p.finished, p.sigterm, p.gone);
+    L.say(
+        "the child had finished its work when the middle process ended: {}; got SIGTERM {}; "
+        "gone {}",
+        p.finished, p.sigterm, p.gone);
 
     // Part 3: the middle process is SIGKILLed: no exit code runs in it. In Python the child
     // would be orphaned; mp's parent-death signal kills it. We adopted it, so we reap it.
@@ -462,10 +466,11 @@ int main(int argc, char** argv) {
     bool second_refused = *s2.exitcode() == kAlreadyRunning && WIFEXITED(second_status) &&
                           WEXITSTATUS(second_status) == kAlreadyRunning;
     auto still = read_pidfile(pidfile);
-    L.say("a second copy: its starter reported {}, the copy {} - refused: {}; the pidfile still "
-          "says {}",
-          mp::describe_exitcode(*s2.exitcode()), describe_status(second_status), second_refused,
-          still ? std::to_string(*still) : "nothing");
+    L.say(
+        "a second copy: its starter reported {}, the copy {} - refused: {}; the pidfile still "
+        "says {}",
+        mp::describe_exitcode(*s2.exitcode()), describe_status(second_status), second_refused,
+        still ? std::to_string(*still) : "nothing");
 
     // Stop it the way an init script does: the pid from the pidfile, SIGTERM, wait until it
     // is gone. A pidfd names this very process, even if the pid were reused meanwhile.
@@ -521,28 +526,27 @@ int main(int argc, char** argv) {
                                          {"middle_seconds", p.middle_seconds}});
     L.fact("parent_sigkilled", nlohmann::json{{"middle_exitcode", *m.exitcode()},
                                               {"child_killed_by_sigkill", orphan_killed}});
-    L.fact("unix_daemon",
-           nlohmann::json{{"starter_exitcode", *s.exitcode()},
-                          {"starter_gone", starter_gone},
-                          {"leader_gone", leader_gone},
-                          {"leader_sid_is_own_pid", h.value().leader_sid == leader},
-                          {"alive_after_starter", alive},
-                          {"pidfile_pid_is_daemon", from_file && *from_file == dpid},
-                          {"ppid_is_starter", st.ppid == starter_pid},
-                          {"ppid_is_lesson", st.ppid == me},
-                          {"sid_is_leader", st.sid == leader},
-                          {"sid_is_own_pid", st.sid == dpid},
-                          {"pgrp_is_leader", st.pgrp == leader},
-                          {"sid_differs_from_lesson", st.sid != ::getsid(0)},
-                          {"tty_nr", st.tty_nr},
-                          {"cwd", cwd},
-                          {"umask", umask},
-                          {"fds_on_dev_null", on_null},
-                          {"fd_count", fds.size()},
-                          {"second_copy_refused", second_refused},
-                          {"stopped_status", describe_status(daemon_status)},
-                          {"pidfile_removed_by_daemon", removed_by_daemon},
-                          {"stop_seconds", stop_secs}});
+    L.fact("unix_daemon", nlohmann::json{{"starter_exitcode", *s.exitcode()},
+                                         {"starter_gone", starter_gone},
+                                         {"leader_gone", leader_gone},
+                                         {"leader_sid_is_own_pid", h.value().leader_sid == leader},
+                                         {"alive_after_starter", alive},
+                                         {"pidfile_pid_is_daemon", from_file && *from_file == dpid},
+                                         {"ppid_is_starter", st.ppid == starter_pid},
+                                         {"ppid_is_lesson", st.ppid == me},
+                                         {"sid_is_leader", st.sid == leader},
+                                         {"sid_is_own_pid", st.sid == dpid},
+                                         {"pgrp_is_leader", st.pgrp == leader},
+                                         {"sid_differs_from_lesson", st.sid != ::getsid(0)},
+                                         {"tty_nr", st.tty_nr},
+                                         {"cwd", cwd},
+                                         {"umask", umask},
+                                         {"fds_on_dev_null", on_null},
+                                         {"fd_count", fds.size()},
+                                         {"second_copy_refused", second_refused},
+                                         {"stopped_status", describe_status(daemon_status)},
+                                         {"pidfile_removed_by_daemon", removed_by_daemon},
+                                         {"stop_seconds", stop_secs}});
     L.fact("processes_created", everyone.size());
     L.fact("processes_left", left_running);
     L.fact("pids_left", left);

@@ -56,9 +56,9 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <mp/monitor.hpp>
 #include <mp/context.hpp>
 #include <mp/error.hpp>
+#include <mp/monitor.hpp>
 #include <mp/pool.hpp>
 #include <mp/process.hpp>
 #include <mp/shared_memory.hpp>
@@ -268,9 +268,10 @@ int main(int argc, char** argv) {
     std::set<int> in_flight;
     int submitted = 0, completed = 0, failed = 0;
     auto submit = [&](int i) {
-      results.emplace(i, pool.apply_async(
-                             task, std::tuple{i}, [&box, i](const int&) { box.post_result(i, true); },
-                             [&box, i](const std::exception&) { box.post_result(i, false); }));
+      results.emplace(i,
+                      pool.apply_async(
+                          task, std::tuple{i}, [&box, i](const int&) { box.post_result(i, true); },
+                          [&box, i](const std::exception&) { box.post_result(i, false); }));
       in_flight.insert(i);
     };
     // Takes what the mailbox holds; returns the number of signals received so far.
@@ -282,8 +283,8 @@ int main(int argc, char** argv) {
       return box.signals.size();
     };
     const auto t_start = Clock::now();
-    const auto send_at = t_start + std::chrono::duration_cast<Clock::duration>(
-                                       std::chrono::duration<double>(after));
+    const auto send_at =
+        t_start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(after));
     bool sent = false;
     std::vector<pid_t> signalled;
     std::optional<Clock::time_point> t_signal;
@@ -295,9 +296,8 @@ int main(int argc, char** argv) {
           return !box.done.empty() || !box.failed.empty() || !box.signals.empty();
         });
       } else {
-        box.cv.wait(lk, [&] {
-          return !box.done.empty() || !box.failed.empty() || !box.signals.empty();
-        });
+        box.cv.wait(
+            lk, [&] { return !box.done.empty() || !box.failed.empty() || !box.signals.empty(); });
       }
       if (drain(lk) > 0) {
         t_signal = Clock::now();
@@ -422,19 +422,22 @@ int main(int argc, char** argv) {
       (name == "mp-forkserver" ? fork_servers : children_left) += 1;
     }
     bool no_children = children_left == 0;
-    L.say("workers started {} (none replaced: {}); SIGINT blocked at their start {}, ignored {}, "
-          "SIGTERM unblocked {}",
-          started, started == static_cast<std::size_t>(workers), sigint_was_blocked,
-          sigint_ignored, sigterm_unblocked);
-    L.say("worker pids {}: still existing {}; other children left {}{}; /dev/shm/mp-* entries "
-          "of ours {}",
-          pids_seen, pids_left, children_left,
-          fork_servers ? " (and mp's fork server, until exit)" : "", shm_left.size());
+    L.say(
+        "workers started {} (none replaced: {}); SIGINT blocked at their start {}, ignored {}, "
+        "SIGTERM unblocked {}",
+        started, started == static_cast<std::size_t>(workers), sigint_was_blocked, sigint_ignored,
+        sigterm_unblocked);
+    L.say(
+        "worker pids {}: still existing {}; other children left {}{}; /dev/shm/mp-* entries "
+        "of ours {}",
+        pids_seen, pids_left, children_left,
+        fork_servers ? " (and mp's fork server, until exit)" : "", shm_left.size());
     int accounted =
         completed_before + finished_in_grace + failed + cancelled + other_errors + not_submitted;
-    L.say("accounted for: {} done before + {} in the grace + {} cancelled + {} not started = {} of "
-          "{}",
-          completed_before, finished_in_grace, cancelled, not_submitted, accounted, items);
+    L.say(
+        "accounted for: {} done before + {} in the grace + {} cancelled + {} not started = {} of "
+        "{}",
+        completed_before, finished_in_grace, cancelled, not_submitted, accounted, items);
 
     L.fact("workers", workers);
     L.fact("items", items);
