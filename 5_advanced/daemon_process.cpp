@@ -218,9 +218,11 @@ constexpr int kLifetimeSeconds = 30;  // a safety: a daemon nobody stops ends by
   timespec lifetime{kLifetimeSeconds, 0};
   siginfo_t info;
   int sig = ::sigtimedwait(&term, &info, &lifetime);
-  ::unlink(pidfile);
+  // Nobody can hear a daemon's complaint (stderr is /dev/null): the exit status says it.
+  // 0 stopped by SIGTERM and cleaned up, 5 its lifetime ran out, 6 the pidfile stayed.
+  bool removed = ::unlink(pidfile) == 0;
   ::close(fd);
-  ::_exit(sig == SIGTERM ? 0 : 5);
+  ::_exit(!removed ? 6 : sig == SIGTERM ? 0 : 5);
 }
 
 // Waits for a child of this process (one mp did not start) and returns its wait status.

@@ -119,8 +119,10 @@ void quiet_worker(mp::RawArray<WorkerLine> workers, mp::RawValue<std::int32_t> n
   if (::pthread_sigmask(SIG_UNBLOCK, &both, nullptr) != 0)
     throw std::runtime_error("cannot unblock SIGINT and SIGTERM");
   struct sigaction seen {};
-  ::sigaction(SIGINT, nullptr, &seen);
-  ::pthread_sigmask(SIG_SETMASK, nullptr, &now);
+  // Read back what the worker now has, rather than trusting what was asked for.
+  if (::sigaction(SIGINT, nullptr, &seen) == -1) mp::throw_errno("read the action of SIGINT");
+  if (::pthread_sigmask(SIG_SETMASK, nullptr, &now) != 0)
+    throw std::runtime_error("cannot read the signal mask");
   line.sigint_ignored = seen.sa_handler == SIG_IGN;
   line.sigterm_unblocked = sigismember(&now, SIGTERM) == 0;
   cell(line.pid).store(::getpid());
