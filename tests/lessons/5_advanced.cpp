@@ -1,7 +1,29 @@
 // tests/lessons/5_advanced.cpp - the claims of chapter 5, read from each lesson's --json.
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
+#include <filesystem>
+#include <fstream>
 
 #include "run.hpp"
+#include "shm.hpp"
+
+namespace {
+
+// Runs a lesson with --json as the reaper of whatever it leaves behind, and checks that it
+// left no process (running or zombie) and no shared-memory segment.
+nlohmann::json run_clean(const std::string& id, std::vector<std::string> args = {}) {
+  testing::ShmGuard shm;
+  testing::adopt_orphans();
+  auto r = testing::run_lesson_json(id, std::move(args));
+  CHECK(testing::no_children());
+  CHECK(shm.leaked().empty());
+  return r;
+}
+
+}  // namespace
 
 TEST_CASE("5_advanced/process_inheritance: what fork, spawn and forkserver children inherit",
           "[lessons][5_advanced]") {
@@ -150,4 +172,211 @@ TEST_CASE("5_advanced/error_handling_retry: bad flags are usage errors", "[lesso
   CHECK(testing::run({bin, "--max-tries", "11"}).exit_code == 2);
   CHECK(testing::run({bin, "--tasks", "0"}).exit_code == 2);
   CHECK(testing::run({bin, "--base-delay-ms", "abc"}).exit_code == 2);
+}
+
+TEST_CASE("5_advanced/daemon_process: the daemon flag, a joined child, PDEATHSIG, a Unix daemon",
+          "[lessons][5_advanced]") {
+  auto dir = testing::scratch_dir("daemon_process");
+  std::filesystem::create_directories(dir);
+  auto pidfile = dir / "d.pid";
+  auto r = run_clean("5_advanced/daemon_process", {"--pidfile", pidfile.string(), "--work-ms", "50"});
+  // mp's daemon=true: terminated (SIGTERM) when its parent exits, before it finished.
+  const auto& d = r["daemon_flag"];
+  CHECK(d["middle_exitcode"] == 0);
+  CHECK(d["child_got_sigterm"] == true);
+  CHECK(d["child_finished"] == false);
+  CHECK(d["child_gone"] == true);  // ESRCH: not even a zombie
+  // A child that is not a daemon: the parent's exit waited for it to finish.
+  const auto& p = r["plain_child"];
+  CHECK(p["middle_exitcode"] == 0);
+  CHECK(p["child_got_sigterm"] == false);
+  CHECK(p["child_finished"] == true);
+  CHECK(p["child_gone"] == true);
+  CHECK(p["middle_seconds"].get<double>() > 0);
+  // A parent killed by SIGKILL runs no exit code; the parent-death signal kills the child.
+  CHECK(r["parent_sigkilled"]["middle_exitcode"] == -9);
+  CHECK(r["parent_sigkilled"]["child_killed_by_sigkill"] == true);
+  // The Unix daemon: outlives its starter, reparented, in the vanished leader's session.
+  const auto& u = r["unix_daemon"];
+  CHECK(u["starter_exitcode"] == 0);
+  CHECK(u["starter_gone"] == true);
+  CHECK(u["leader_gone"] == true);
+  CHECK(u["leader_sid_is_own_pid"] == true);  // setsid() made the leader a session leader
+  CHECK(u["alive_after_starter"] == true);
+  CHECK(u["pidfile_pid_is_daemon"] == true);
+  CHECK(u["ppid_is_starter"] == false);
+  CHECK(u["ppid_is_lesson"] == true);  // the lesson is a child subreaper
+  CHECK(u["sid_is_leader"] == true);
+  CHECK(u["sid_is_own_pid"] == false);  // not a session leader: can never get a terminal
+  CHECK(u["pgrp_is_leader"] == true);
+  CHECK(u["sid_differs_from_lesson"] == true);
+  CHECK(u["tty_nr"] == 0);
+  CHECK(u["cwd"] == "/");
+  CHECK(u["umask"] == "0000");
+  CHECK(u["fds_on_dev_null"] == 3);
+  CHECK(u["fd_count"] == 4);  // 0, 1, 2 and the pidfile
+  CHECK(u["second_copy_refused"] == true);
+  CHECK(u["stopped_status"] == "exited with status 0");
+  CHECK(u["pidfile_removed_by_daemon"] == true);
+  // Nothing left: every process created is gone, no child, no pidfile.
+  CHECK(r["processes_created"] == 12);
+  CHECK(r["processes_left"] == 0);
+  CHECK(r["no_children_left"] == true);
+  CHECK(r["pidfile_left"] == false);
+  CHECK_FALSE(std::filesystem::exists(pidfile));
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("5_advanced/daemon_process: a pidfile locked by someone else stops the start",
+          "[lessons][5_advanced]") {
+  auto dir = testing::scratch_dir("daemon_process_locked");
+  std::filesystem::create_directories(dir);
+  auto pidfile = dir / "d.pid";
+  int fd = ::open(pidfile.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  REQUIRE(fd != -1);
+  REQUIRE(::flock(fd, LOCK_EX | LOCK_NB) == 0);  // "another instance" holds it
+  testing::adopt_orphans();
+  auto r = testing::run({testing::lesson_binary("5_advanced/daemon_process"), "--pidfile",
+                         pidfile.string(), "--work-ms", "10"});
+  ::close(fd);
+  CHECK(r.exit_code == 1);
+  CHECK_THAT(r.err, Catch::Contains("cannot start the daemon") && Catch::Contains("status 3"));
+  CHECK(testing::no_children());  // the refused copy was reaped too
+  CHECK(std::filesystem::exists(pidfile));  // not ours to remove: the holder's file
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("5_advanced/daemon_process: a bad flag is a usage error", "[lessons][5_advanced]") {
+  const auto bin = testing::lesson_binary("5_advanced/daemon_process");
+  CHECK(testing::run({bin, "--work-ms", "5"}).exit_code == 2);
+  CHECK(testing::run({bin, "--work-ms", "soon"}).exit_code == 2);
+}
+
+TEST_CASE("5_advanced/custom_context: two contexts at once, one Queue and Lock for all, the rules",
+          "[lessons][5_advanced]") {
+  for (const char* def : {"spawn", "fork", "forkserver"}) {
+    INFO("--default-method " << def);
+    auto r = run_clean("5_advanced/custom_context",
+                       {"--default-method", def, "--workers", "2", "--items", "4"});
+    CHECK(r["all_start_methods"] == nlohmann::json{"fork", "spawn", "forkserver"});
+    CHECK(r["initial_default"] == "fork");
+    // set_start_method: the same method again is allowed, another one throws, force wins.
+    const auto& rules = r["rules"];
+    CHECK(rules["set spawn (first call)"] == "ok");
+    CHECK(rules["set spawn again (same method)"] == "ok");
+    CHECK_THAT(rules["set fork (a different method)"].get<std::string>(),
+               Catch::StartsWith("mp::ProcessError: cannot set the start method"));
+    CHECK(rules["set fork, force=true"] == "ok");
+    CHECK_THAT(rules["get_context(\"vfork\")"].get<std::string>(),
+               Catch::StartsWith("std::invalid_argument"));
+    CHECK(r["default_after_refusal"] == "spawn");
+    CHECK(r["default_after_force"] == "fork");
+    CHECK(r["default_method"] == def);
+    CHECK(r["plain_process_method"] == def);
+    CHECK(r["contexts_compare_by_method"] == true);
+    // The fork pool's workers see what the parent set after start-up; the spawn pool's not.
+    const auto& f = r["fork_pool"];
+    const auto& s = r["spawn_pool"];
+    CHECK(f["workers"] == 2);
+    CHECK(s["workers"] == 2);
+    CHECK(f["sees_configured_by_parent"] == true);
+    CHECK(s["sees_initial_value"] == true);
+    CHECK(f["ppid_is_parent"] == true);
+    CHECK(s["ppid_is_parent"] == true);
+    CHECK(f["default_methods"] == nlohmann::json{def});  // children inherit the default
+    CHECK(s["default_methods"] == nlohmann::json{def});
+    CHECK_THAT(f["name"].get<std::string>(), Catch::StartsWith("ForkPoolWorker-"));
+    CHECK_THAT(s["name"].get<std::string>(), Catch::StartsWith("SpawnPoolWorker-"));
+    // One Process per context, one Queue and one Lock for the three.
+    const auto& p = r["processes"];
+    CHECK(p["fork"]["sees_configured_by_parent"] == true);
+    CHECK(p["spawn"]["sees_configured_by_parent"] == false);
+    CHECK(p["forkserver"]["sees_configured_by_parent"] == false);
+    CHECK(p["fork"]["ppid_is_parent"] == true);
+    CHECK(p["spawn"]["ppid_is_parent"] == true);
+    CHECK(p["forkserver"]["ppid_is_parent"] == false);  // the fork server is its parent
+    for (const char* m : {"fork", "spawn", "forkserver"}) {
+      CHECK(p[m]["exitcode"] == 0);
+      CHECK(p[m]["default_method"] == def);
+    }
+    CHECK(r["counted_under_the_lock"] == 3);
+    CHECK(r["children_left"] == 0);
+  }
+}
+
+TEST_CASE("5_advanced/custom_context: a bad flag is a usage error", "[lessons][5_advanced]") {
+  const auto bin = testing::lesson_binary("5_advanced/custom_context");
+  CHECK(testing::run({bin, "--default-method", "vfork"}).exit_code == 2);
+  CHECK(testing::run({bin, "--items", "0"}).exit_code == 2);
+}
+
+namespace {
+
+// What holds after any shutdown: every task accounted for, no worker replaced or left.
+void check_shutdown(const nlohmann::json& r, int workers, int items) {
+  CHECK(r["accounted"] == items);
+  CHECK(r["other_errors"] == 0);
+  CHECK(r["finished_in_grace"].get<int>() + r["cancelled"].get<int>() ==
+        r["in_flight_at_signal"].get<int>());
+  CHECK(r["hung_cancelled"] == r["hung_in_flight_at_signal"]);  // a hung task never finishes
+  CHECK(r["workers_started"] == workers);  // no worker died of the signal
+  CHECK(r["workers_initialized"] == workers);  // each ran a task, so its initializer too
+  CHECK(r["workers_sigint_blocked_at_start"] == workers);
+  CHECK(r["workers_sigint_ignored"] == workers);
+  CHECK(r["workers_sigterm_unblocked"] == workers);
+  CHECK(r["worker_pids_left"] == 0);
+  CHECK(r["children_left"] == 0);
+  CHECK(r["shm_entries_left"] == 0);
+}
+
+}  // namespace
+
+TEST_CASE("5_advanced/graceful_shutdown: SIGINT as from a terminal, to the parent and workers",
+          "[lessons][5_advanced]") {
+  auto r = run_clean("5_advanced/graceful_shutdown");
+  CHECK(r["signal"] == "SIGINT");
+  CHECK(r["signal_from_self"] == true);
+  CHECK(r["signalled_processes"] == 4);  // the parent and its 3 workers
+  CHECK(r["second_signal"] == false);
+  check_shutdown(r, 3, 40);
+}
+
+TEST_CASE("5_advanced/graceful_shutdown: SIGTERM, other start methods, no grace, no signal",
+          "[lessons][5_advanced]") {
+  SECTION("SIGTERM to the parent only") {
+    auto r = run_clean("5_advanced/graceful_shutdown", {"--signal", "TERM", "--workers", "2"});
+    CHECK(r["signal"] == "SIGTERM");
+    CHECK(r["signalled_processes"] == 1);
+    check_shutdown(r, 2, 40);
+  }
+  SECTION("spawn workers inherit the blocked mask through exec") {
+    auto r = run_clean("5_advanced/graceful_shutdown", {"--start-method", "spawn"});
+    CHECK(r["start_method"] == "spawn");
+    CHECK(r["signal"] == "SIGINT");
+    check_shutdown(r, 3, 40);
+  }
+  SECTION("forkserver") {
+    auto r = run_clean("5_advanced/graceful_shutdown", {"--start-method", "forkserver"});
+    CHECK(r["signal"] == "SIGINT");
+    check_shutdown(r, 3, 40);
+  }
+  SECTION("a grace of 0: what is in flight is cancelled at once") {
+    auto r = run_clean("5_advanced/graceful_shutdown", {"--grace", "0"});
+    check_shutdown(r, 3, 40);
+  }
+  SECTION("the work ends before the signal is due: a normal close") {
+    auto r = run_clean("5_advanced/graceful_shutdown", {"--items", "5", "--after", "30"});
+    CHECK(r["signal"] == "none");
+    CHECK(r["cancelled"] == 0);
+    CHECK(r["not_submitted"] == 0);
+    CHECK(r["completed_before_signal"] == 5);
+    check_shutdown(r, 3, 5);
+  }
+}
+
+TEST_CASE("5_advanced/graceful_shutdown: bad flags are usage errors", "[lessons][5_advanced]") {
+  const auto bin = testing::lesson_binary("5_advanced/graceful_shutdown");
+  CHECK(testing::run({bin, "--signal", "KILL"}).exit_code == 2);
+  CHECK(testing::run({bin, "--grace", "-1"}).exit_code == 2);
+  CHECK(testing::run({bin, "--start-method", "vfork"}).exit_code == 2);
 }
