@@ -612,3 +612,109 @@ TEST_CASE("6_performance/memory_overhead_benchmark: bad options are usage errors
     CHECK(testing::count_lines(r.err) == 1);
   }
 }
+
+TEST_CASE("6_performance/profiling_mp_programs: every task once, on a pool worker, inside its wall time",
+          "[lessons][6_performance]") {
+  auto r = testing::run_lesson_json("6_performance/profiling_mp_programs",
+                                    {"--quick", "--workers", "3", "--top", "4"});
+  CHECK(r["workers"] == 3);
+  CHECK(r["tasks_submitted"] == 24);
+  CHECK(r["records"] == 24);
+  CHECK(r["each_task_once"] == true);
+  CHECK(r["workers_started"] == 3);
+  CHECK(r["worker_pids"].size() == 3);
+  CHECK(r["all_from_pool"] == true);
+  CHECK(r["parents_right"] == true);
+  CHECK(r["tasks_ordered"] == true);
+  CHECK(r["working_within_wall"] == true);
+  CHECK(r["children_left"] == 0);
+
+  // Per worker: the tasks add up to those submitted, each worker a pool child, and the
+  // figures consistent with their definitions.
+  const auto& per = r["per_worker"];
+  REQUIRE(per.size() == 3);
+  std::vector<pid_t> pool = r["worker_pids"].get<std::vector<pid_t>>();
+  int sum = 0;
+  double working = 0;
+  for (const auto& w : per) {
+    INFO(w.dump());
+    sum += w["tasks"].get<int>();
+    CHECK(std::find(pool.begin(), pool.end(), w["pid"].get<pid_t>()) != pool.end());
+    CHECK(w["ordered"] == true);
+    CHECK(w["startup_ms"].get<double>() >= 0);
+    double work = w["working_ms"], wall = w["wall_ms"];
+    CHECK(work <= wall);
+    CHECK(w["waiting_ms"].get<double>() == Approx(wall - work));
+    CHECK(w["computing_ms"].get<double>() + w["sleeping_ms"].get<double>() == Approx(work));
+    CHECK(w["cpu_user_s"].get<double>() >= 0);
+    CHECK(w["cpu_system_s"].get<double>() >= 0);
+    working += work;
+  }
+  CHECK(sum == 24);
+  CHECK(r["busy_fraction"].get<double>() == Approx(working / (3 * r["map_ms"].get<double>())));
+
+  // The slowest tasks, slowest first, each with its arguments and a worker's pid.
+  const auto& slow = r["slowest"];
+  REQUIRE(slow.size() == 4);
+  double prev = 1e300;
+  for (const auto& t : slow) {
+    INFO(t.dump());
+    double d = t["ms"];
+    CHECK(d <= prev);
+    prev = d;
+    CHECK((t["kind"] == "compute" || t["kind"] == "sleep"));
+    CHECK(t["cost_ms"].get<int>() >= 1);
+    CHECK(t["end_ms"].get<double>() - t["start_ms"].get<double>() == Approx(d).margin(1e-6));
+    CHECK(std::find(pool.begin(), pool.end(), t["pid"].get<pid_t>()) != pool.end());
+  }
+
+  // perf: whatever this machine allows, said, and when it works, a run measured through it.
+  const auto& p = r["perf"];
+  CHECK(p["skipped"] == false);
+  CHECK(p["record_command"].get<std::string>().find("record -F 999 -g --inherit") !=
+        std::string::npos);
+  if (p["usable"] == true) {
+    CHECK(p["found"] == true);
+    CHECK(p["stat_exit"] == 0);
+    CHECK(p["stat_child_ok"] == true);
+    CHECK(p["stat_child_tasks"] == 16);
+    CHECK(p["stat_counters"]["task-clock"].get<double>() > 0);
+  } else {
+    CHECK(!p["reason"].get<std::string>().empty());
+  }
+}
+
+TEST_CASE("6_performance/profiling_mp_programs: without perf it says so and still succeeds",
+          "[lessons][6_performance]") {
+  auto bin = testing::lesson_binary("6_performance/profiling_mp_programs");
+  auto r = testing::run({"/usr/bin/env", "PATH=/nonexistent", bin, "--quick", "--json"});
+  REQUIRE(r.exit_code == 0);
+  auto j = nlohmann::json::parse(r.out);
+  CHECK(j["ok"] == true);
+  CHECK(j["tasks_counted"] == 24);
+  CHECK(j["perf"]["found"] == false);
+  CHECK(j["perf"]["usable"] == false);
+  CHECK(j["perf"]["reason"] == "perf is not installed");
+
+  auto skipped = testing::run_lesson_json("6_performance/profiling_mp_programs",
+                                          {"--tasks", "5", "--workers", "1", "--no-perf"});
+  CHECK(skipped["perf"]["skipped"] == true);
+  CHECK(skipped["tasks_counted"] == 5);
+  CHECK(skipped["per_worker"].size() == 1);
+  CHECK(skipped["per_worker"][0]["tasks"] == 5);
+}
+
+TEST_CASE("6_performance/profiling_mp_programs: bad options are usage errors",
+          "[lessons][6_performance]") {
+  auto bin = testing::lesson_binary("6_performance/profiling_mp_programs");
+  for (std::vector<std::string> args : {std::vector<std::string>{"--tasks", "0"},
+                                        {"--workers", "0"},
+                                        {"--start-method", "vfork"},
+                                        {"--top", "x"}}) {
+    args.insert(args.begin(), bin);
+    auto r = testing::run(args);
+    INFO(args[1] << " " << args[2] << ": " << r.err);
+    CHECK(r.exit_code == 2);
+    CHECK(testing::count_lines(r.err) == 1);
+  }
+}
