@@ -319,8 +319,12 @@ int main(int argc, char** argv) {
     // its tasks put on its timeline.
     const std::vector<pid_t> pool_pids = pool.worker_pids();
     const std::set<pid_t> pool_set(pool_pids.begin(), pool_pids.end());
-    std::vector<pid_t> kids_v = mp::children(::getpid());
+    // A worker is a child of this process; with forkserver, a child of the server, which
+    // is a child of this process.
+    std::vector<pid_t> kids_v = mp::children(::getpid(), /*recursive=*/true);
     const std::set<pid_t> kids(kids_v.begin(), kids_v.end());
+    const bool via_server = ctx.start_method() == "forkserver";
+    std::set<pid_t> worker_parents;
     bool all_from_pool = true;
     std::set<pid_t> unknown;
     for (const TaskRecord& r : records) {
@@ -356,7 +360,9 @@ int main(int argc, char** argv) {
       w.cpu = s.cpu_times;
       w.ctx = s.ctx_switches;
       w.ppid = s.ppid;
-      parents_right = parents_right && s.ppid == ::getpid();
+      worker_parents.insert(s.ppid);
+      parents_right = parents_right && (via_server ? s.ppid != ::getpid() && kids.count(s.ppid) == 1
+                                                   : s.ppid == ::getpid());
       all_ordered = all_ordered && w.ordered;
       work_within_wall = work_within_wall && w.working_ms <= w.wall_ms;
     }
@@ -448,7 +454,10 @@ int main(int argc, char** argv) {
     L.say("sum of tasks per worker = tasks submitted: {} = {}: {}", counted, tasks_n,
           counted == static_cast<std::size_t>(tasks_n));
     L.say("every task ran exactly once: {}", each_once);
-    L.say("every task's pid was one of the pool's workers, a child of this process: {}{}",
+    L.say("every task's pid was one of the pool's workers, {}: {}{}",
+          via_server ? fmt::format("children of the fork server ({}), a child of this process",
+                                   fmt::join(worker_parents, ", "))
+                     : "children of this process",
           all_from_pool && parents_right,
           unknown.empty() ? "" : fmt::format(" (unknown pids: {})", fmt::join(unknown, ", ")));
     L.say("each worker's tasks one after another, inside its wall time: {}", all_ordered);
@@ -485,6 +494,7 @@ int main(int argc, char** argv) {
     L.fact("per_worker", jw);
     L.fact("all_from_pool", all_from_pool);
     L.fact("parents_right", parents_right);
+    L.fact("worker_parents", worker_parents);
     L.fact("tasks_ordered", all_ordered);
     L.fact("working_within_wall", work_within_wall);
     L.fact("map_ms", map_ms);
@@ -498,8 +508,14 @@ int main(int argc, char** argv) {
 
     pool.close();
     pool.join();
-    const bool none_left = mp::children(::getpid()).empty();
-    L.fact("children_left", mp::children(::getpid()).size());
+    // Every worker is reaped. The fork server, when there is one, stays for the children
+    // this program may start later (until it exits), as Python's does.
+    std::size_t left = 0;
+    for (pid_t p : mp::children(::getpid(), /*recursive=*/true)) {
+      if (!(via_server && worker_parents.count(p) == 1)) ++left;
+    }
+    const bool none_left = left == 0;
+    L.fact("children_left", left);
 
     bool ok = counted == static_cast<std::size_t>(tasks_n) && each_once && all_from_pool &&
               parents_right && all_ordered && work_within_wall && none_left;

@@ -706,6 +706,25 @@ TEST_CASE("6_performance/profiling_mp_programs: without perf it says so and stil
   CHECK(skipped["per_worker"][0]["tasks"] == 5);
 }
 
+TEST_CASE("6_performance/profiling_mp_programs: spawn and forkserver workers, counted the same way",
+          "[lessons][6_performance]") {
+  for (const char* m : {"spawn", "forkserver"}) {
+    INFO(m);
+    auto r = testing::run_lesson_json("6_performance/profiling_mp_programs",
+                                      {"--tasks", "10", "--start-method", m, "--no-perf"});
+    CHECK(r["start_method"] == m);
+    CHECK(r["tasks_counted"] == 10);
+    CHECK(r["each_task_once"] == true);
+    CHECK(r["all_from_pool"] == true);
+    CHECK(r["parents_right"] == true);
+    CHECK(r["children_left"] == 0);
+    // forkserver: the workers' parent is the server, one process; spawn: this process.
+    const auto& parents = r["worker_parents"];
+    REQUIRE(parents.size() == 1);
+    for (const auto& w : r["per_worker"]) CHECK(w["ppid"] == parents[0]);
+  }
+}
+
 TEST_CASE("6_performance/profiling_mp_programs: bad options are usage errors",
           "[lessons][6_performance]") {
   auto bin = testing::lesson_binary("6_performance/profiling_mp_programs");
