@@ -300,6 +300,30 @@ struct Case {
   std::vector<int> cpus_a, cpus_b;  // where each side ran at the end, per round
 };
 
+// The next report on `q` from one of `children`. A child that exits without reporting (it
+// failed: its error is on stderr) ends the wait at once; the others are stopped and the
+// step fails. 60 s without a report is a failure too.
+template <class T>
+T next_report(mp::Queue<T>& q, const std::vector<mp::Process*>& children, const std::string& what) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  for (;;) {
+    try {
+      return q.get(mp::Seconds(0.05));
+    } catch (const mp::Empty&) {
+    }
+    std::string why;
+    for (mp::Process* c : children) {
+      if (auto code = c->exitcode(); code && *code != 0) why = fmt::format("a child exited {}", *code);
+    }
+    if (why.empty() && std::chrono::steady_clock::now() > deadline) why = "no report in 60 s";
+    if (!why.empty()) {
+      for (mp::Process* c : children) c->kill();
+      for (mp::Process* c : children) c->join();
+      throw std::runtime_error(fmt::format("cannot {}: {}", what, why));
+    }
+  }
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   std::size_t n = v.size();
@@ -421,14 +445,7 @@ int main(int argc, char** argv) {
     auto pin_child = [&](int how, const cpu_set_t& want) {
       mp::Process p{fork, pin_and_look, checks, how, want};
       p.start();
-      PinCheck c;
-      try {
-        c = checks.get(mp::Seconds(30));
-      } catch (const mp::Empty&) {
-        p.join();
-        throw std::runtime_error(fmt::format("cannot pin a child: it reported nothing (exit {})",
-                                             p.exitcode().value_or(-999)));
-      }
+      PinCheck c = next_report(checks, {&p}, "pin a child");
       p.join();
       if (p.exitcode() != 0) throw std::runtime_error("cannot pin a child: it failed");
       return c;
@@ -551,15 +568,7 @@ int main(int argc, char** argv) {
         if (b.conn) b.conn->close();
         std::optional<Report> ra, rb;
         for (int i = 0; i < 2; ++i) {
-          Report r;
-          try {
-            r = reports.get(mp::Seconds(60));
-          } catch (const mp::Empty&) {
-            pa.terminate();
-            pb.terminate();
-            throw std::runtime_error(
-                fmt::format("cannot finish the {} ping-pong: a side reported nothing in 60 s", c.id));
-          }
+          Report r = next_report(reports, {&pa, &pb}, fmt::format("run the {} ping-pong", c.id));
           (r.role == 0 ? ra : rb) = r;
         }
         pa.join();
@@ -655,13 +664,7 @@ int main(int argc, char** argv) {
         }
         mp::Process p{fork, touch_on_node, places, static_cast<int>(o->os_index), cpus, touch_bytes};
         p.start();
-        Placement pl;
-        try {
-          pl = places.get(mp::Seconds(30));
-        } catch (const mp::Empty&) {
-          p.join();
-          throw std::runtime_error("cannot place memory: the child reported nothing");
-        }
+        Placement pl = next_report(places, {&p}, "place memory");
         p.join();
         exits_ok = exits_ok && p.exitcode() == 0;
         L.say("a child on node {}'s CPUs wrote {}: first touch put its pages on node(s) {};\n"

@@ -561,10 +561,11 @@ int main(int argc, char** argv) {
       usable = trial.exit_code == 0 && c != nullptr && c->value.has_value();
       if (!usable) {
         std::string last = trial.output.substr(0, trial.output.find('\n'));
-        reason = fmt::format("`perf stat -e task-clock true` failed (exit {}): {}",
+        reason = fmt::format("the trial `perf stat -e task-clock true` failed (exit {}): {}",
                              trial.exit_code, last);
       }
-      L.say("trial `perf stat -e task-clock true`: {}", usable ? "works" : reason);
+      L.say("trial `perf stat -e task-clock true`: {}",
+            usable ? "works" : fmt::format("failed (exit {})", trial.exit_code));
       if (usable) {
         bench::Ran hw_trial = bench::run_program(
             {*perf, "stat", "-x", ",", "-e", "cycles,instructions", "true"},
@@ -656,8 +657,9 @@ int main(int argc, char** argv) {
             record_cmd);
     } else {
       L.say("");
-      L.say("No perf here ({}): the figures above, from mp::monitor, are what this run can\n"
-            "tell. Where perf works, profile every process of a run with\n"
+      L.say("perf cannot be used here: {}.\n"
+            "The figures above, from mp::monitor, are what this run can tell. Where perf works,\n"
+            "profile every process of a run with\n"
             "  $ {}",
             reason, record_cmd);
     }

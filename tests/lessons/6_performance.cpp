@@ -706,6 +706,36 @@ TEST_CASE("6_performance/profiling_mp_programs: without perf it says so and stil
   CHECK(skipped["per_worker"][0]["tasks"] == 5);
 }
 
+TEST_CASE("6_performance/profiling_mp_programs: a perf that refuses is said, and the run succeeds",
+          "[lessons][6_performance]") {
+  // A perf on PATH that refuses as perf does when perf_event_paranoid forbids it.
+  auto dir = testing::scratch_dir("mp-fake-perf");
+  std::filesystem::create_directories(dir);
+  {
+    std::ofstream f(dir / "perf");
+    f << "#!/bin/sh\n"
+         "echo 'Error: Access to performance monitoring and observability operations is "
+         "limited.' >&2\n"
+         "exit 255\n";
+  }
+  std::filesystem::permissions(dir / "perf", std::filesystem::perms::owner_all);
+  auto bin = testing::lesson_binary("6_performance/profiling_mp_programs");
+  auto r = testing::run(
+      {"/usr/bin/env", "PATH=" + dir.string() + ":/usr/bin:/bin", bin, "--quick", "--json"});
+  std::filesystem::remove_all(dir);
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  auto j = nlohmann::json::parse(r.out);
+  CHECK(j["ok"] == true);
+  CHECK(j["tasks_counted"] == 24);
+  CHECK(j["perf"]["found"] == true);
+  CHECK(j["perf"]["path"] == (dir / "perf").string());
+  CHECK(j["perf"]["usable"] == false);
+  CHECK_THAT(j["perf"]["reason"].get<std::string>(),
+             Catch::Contains("exit 255") && Catch::Contains("Access to performance monitoring"));
+  CHECK_FALSE(j["perf"].contains("stat_counters"));
+}
+
 TEST_CASE("6_performance/profiling_mp_programs: spawn and forkserver workers, counted the same way",
           "[lessons][6_performance]") {
   for (const char* m : {"spawn", "forkserver"}) {
