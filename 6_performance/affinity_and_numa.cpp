@@ -23,12 +23,14 @@
 //   $ build/6_performance/affinity_and_numa
 //   $ taskset -c 0 build/6_performance/affinity_and_numa   # one CPU allowed: no cross-core case
 //
-// Watch for: on the same PU a round trip is two context switches on one CPU, with no
-// cross-CPU wake-up; on different cores each message must wake a CPU that may be idle
-// (deep idle states and, in a virtual machine, an exit to the hypervisor), so the same
-// PU can be faster for this ping-pong even though the two processes never run at once.
-// Pinning trades that against parallelism: two busy processes pinned to one PU share it.
-// On one NUMA node, placement of memory changes nothing; say so rather than invent a gain.
+// Watch for: over a pipe each message wakes a sleeping reader. On the same PU that is a
+// context switch on one CPU; on different cores it must wake another CPU, which may be
+// idle (an inter-processor interrupt, and in a virtual machine a trip through the
+// hypervisor), so the same PU can be much faster for this ping-pong. The queues spin
+// briefly before they sleep: across cores the spinner sees the reply without sleeping,
+// on one PU it spins while the other side cannot run, so the order reverses. Unpinned is
+// whichever of the two the scheduler happened to choose. On one NUMA node, placement of
+// memory changes nothing; the lesson says so rather than invent a gain.
 #include <fmt/format.h>
 #include <hwloc.h>
 #include <hwloc/glibc-sched.h>
@@ -172,7 +174,8 @@ int pinger(Channel ch, mp::Queue<Report> reports, Report r, int how, cpu_set_t w
   bool right = true;
   for (long i = 0; i < warm; ++i) {  // the other side is pinned once it answers
     ch.send(i);
-    right = right && ch.recv() == i + 1;
+    const std::int64_t reply = ch.recv();  // always read: one reply per message
+    right = right && reply == i + 1;
   }
   mp::ContextSwitches c0 = mp::process_stats(::getpid()).ctx_switches;
   std::int64_t t0 = now_ns();
