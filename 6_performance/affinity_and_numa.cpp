@@ -1,4 +1,4 @@
-// affinity_and_numa.cpp - The machine's topology with hwloc, pinning processes to CPUs, and what placement does to two processes that talk.
+// affinity_and_numa.cpp - Topology (hwloc), CPU pinning, and placing two processes that talk.
 //
 // hwloc reads the machine: packages, NUMA nodes, cores, processing units (PUs: hardware
 // threads), the caches and who shares them. The lesson prints that, then the CPUs this
@@ -98,7 +98,8 @@ cpu_set_t affinity_now() {
 
 std::string size_text(std::uint64_t bytes) {
   if (bytes >= (1ULL << 30) && bytes % (1ULL << 30) == 0) return fmt::format("{} GiB", bytes >> 30);
-  if (bytes >= (1ULL << 20)) return fmt::format("{:.0f} MiB", static_cast<double>(bytes) / (1 << 20));
+  if (bytes >= (1ULL << 20))
+    return fmt::format("{:.0f} MiB", static_cast<double>(bytes) / (1 << 20));
   return fmt::format("{} KiB", bytes >> 10);
 }
 
@@ -140,7 +141,7 @@ void apply_pin(int how, const cpu_set_t& want) {
 struct Report {
   int case_id = 0;
   int run = 0;
-  int role = 0;  // 0: the side that pings and times, 1: the side that answers
+  int role = 0;    // 0: the side that pings and times, 1: the side that answers
   int pin_ok = 0;  // the affinity read back equals the one asked for
   cpu_set_t got{};
   int cpu_at_end = -1;
@@ -316,7 +317,8 @@ T next_report(mp::Queue<T>& q, const std::vector<mp::Process*>& children, const 
     }
     std::string why;
     for (mp::Process* c : children) {
-      if (auto code = c->exitcode(); code && *code != 0) why = fmt::format("a child exited {}", *code);
+      if (auto code = c->exitcode(); code && *code != 0)
+        why = fmt::format("a child exited {}", *code);
     }
     if (why.empty() && std::chrono::steady_clock::now() > deadline) why = "no report in 60 s";
     if (!why.empty()) {
@@ -337,8 +339,7 @@ double median(std::vector<double> v) {
 
 int main(int argc, char** argv) {
   lesson::Lesson L{MP_LESSON_ID,
-                   "The machine's topology with hwloc, pinning processes to CPUs, and what "
-                   "placement does to two processes that talk."};
+                   "Topology (hwloc), CPU pinning, and placing two processes that talk."};
   long n = 10'000;
   int rounds = 3;
   std::string via = "both";
@@ -380,9 +381,11 @@ int main(int argc, char** argv) {
           cores > 0 && pus > cores ? fmt::format(": SMT, {} PUs per core", pus / cores)
                                    : ": one PU per core, no SMT");
     nlohmann::json jcaches = nlohmann::json::array();
-    const std::pair<hwloc_obj_type_t, const char*> cache_types[] = {
-        {HWLOC_OBJ_L1CACHE, "L1d"}, {HWLOC_OBJ_L1ICACHE, "L1i"}, {HWLOC_OBJ_L2CACHE, "L2"},
-        {HWLOC_OBJ_L3CACHE, "L3"},  {HWLOC_OBJ_L4CACHE, "L4"}};
+    const std::pair<hwloc_obj_type_t, const char*> cache_types[] = {{HWLOC_OBJ_L1CACHE, "L1d"},
+                                                                    {HWLOC_OBJ_L1ICACHE, "L1i"},
+                                                                    {HWLOC_OBJ_L2CACHE, "L2"},
+                                                                    {HWLOC_OBJ_L3CACHE, "L3"},
+                                                                    {HWLOC_OBJ_L4CACHE, "L4"}};
     for (const auto& [type, name] : cache_types) {
       int k = count(type);
       if (k <= 0) continue;
@@ -399,13 +402,13 @@ int main(int argc, char** argv) {
     if (jcaches.empty()) L.say("  hwloc reports no caches on this machine.");
     nlohmann::json jnodes = nlohmann::json::array();
     for (int i = 0; i < nodes; ++i) {
-      hwloc_obj_t o = hwloc_get_obj_by_type(g_topology, HWLOC_OBJ_NUMANODE, static_cast<unsigned>(i));
+      hwloc_obj_t o =
+          hwloc_get_obj_by_type(g_topology, HWLOC_OBJ_NUMANODE, static_cast<unsigned>(i));
       std::vector<int> cpus = bitmap_list(o->cpuset);
-      L.say("  NUMA node {}: {} of memory, CPUs {}", o->os_index, size_text(o->attr->numanode.local_memory),
-            list_text(cpus));
-      jnodes.push_back({{"os_index", o->os_index},
-                        {"memory", o->attr->numanode.local_memory},
-                        {"cpus", cpus}});
+      L.say("  NUMA node {}: {} of memory, CPUs {}", o->os_index,
+            size_text(o->attr->numanode.local_memory), list_text(cpus));
+      jnodes.push_back(
+          {{"os_index", o->os_index}, {"memory", o->attr->numanode.local_memory}, {"cpus", cpus}});
     }
     nlohmann::json jcores = nlohmann::json::array();
     for (int i = 0; i < cores; ++i) {
@@ -455,16 +458,18 @@ int main(int argc, char** argv) {
     };
     PinCheck one = pin_child(kSched, one_cpu(pu_a));
     L.say("sched_setaffinity(CPU {}): read back {}, ran on CPU {} (sched_getcpu): {}", pu_a,
-          list_text(cpus_of(one.got)), one.cpu, one.pin_ok && one.cpu == pu_a ? "as asked" : "NOT as asked");
+          list_text(cpus_of(one.got)), one.cpu,
+          one.pin_ok && one.cpu == pu_a ? "as asked" : "NOT as asked");
     hwloc_obj_t core_a = core_of(pu_a);
-    if (core_a == nullptr) throw std::runtime_error(fmt::format("cannot find CPU {} in the topology", pu_a));
+    if (core_a == nullptr)
+      throw std::runtime_error(fmt::format("cannot find CPU {} in the topology", pu_a));
     const cpu_set_t core_a_set = core_set(core_a);
     PinCheck whole = pin_child(kHwloc, core_a_set);
     L.say("hwloc_set_cpubind(its core, PUs {}): read back {}, ran on CPU {}: {}",
           list_text(cpus_of(core_a_set)), list_text(cpus_of(whole.got)), whole.cpu,
           whole.pin_ok && CPU_ISSET(whole.cpu, &core_a_set) ? "as asked" : "NOT as asked");
-    const bool pin_checks_ok = one.pin_ok && one.cpu == pu_a && whole.pin_ok &&
-                               whole.cpu >= 0 && CPU_ISSET(whole.cpu, &core_a_set);
+    const bool pin_checks_ok = one.pin_ok && one.cpu == pu_a && whole.pin_ok && whole.cpu >= 0 &&
+                               CPU_ISSET(whole.cpu, &core_a_set);
 
     // Step 4: the cases of the ping-pong.
     std::vector<Case> cases;
@@ -511,10 +516,9 @@ int main(int argc, char** argv) {
       c.a = one_cpu(pu_a);
       cases.push_back(c);
     } else {
-      skipped.push_back(
-          {{"case", "different_cores"},
-           {"why", fmt::format("this process may use only CPU(s) {}, all on one core",
-                               list_text(allowed_list))}});
+      skipped.push_back({{"case", "different_cores"},
+                         {"why", fmt::format("this process may use only CPU(s) {}, all on one core",
+                                             list_text(allowed_list))}});
     }
     {
       Case c;
@@ -524,8 +528,8 @@ int main(int argc, char** argv) {
       cases.push_back(c);
     }
 
-    L.step(fmt::format("ping-pong: {} round trips per case, {} rounds, the cases taking turns",
-                       n, rounds));
+    L.step(fmt::format("ping-pong: {} round trips per case, {} rounds, the cases taking turns", n,
+                       rounds));
     for (const Case& c : cases) L.say("  {:<16} {}", c.id, c.where);
     for (const auto& s : skipped) {
       L.say("skipped {}: {}", s["case"].get<std::string>(), s["why"].get<std::string>());
@@ -539,107 +543,113 @@ int main(int argc, char** argv) {
     std::string base_id;
     const std::vector<Case> case_plan = cases;
     for (const std::string& kind : kinds) {
-    cases = case_plan;
-    L.say("");
-    L.say("over {}:", kind == "pipe" ? "an mp::Pipe (a pipe each way: each message wakes the reader)"
-                                     : "two mp::Queue's (shared memory: spin about 10 us, then a futex)");
-    for (int round = 0; round < rounds; ++round) {
-      for (std::size_t k = 0; k < cases.size(); ++k) {
-        // Taking turns: each round starts one case later.
-        Case& c = cases[(k + static_cast<std::size_t>(round)) % cases.size()];
-        const int case_id = static_cast<int>((k + static_cast<std::size_t>(round)) % cases.size());
-        Channel a, b;
-        if (kind == "pipe") {
-          auto [x, y] = mp::Pipe();
-          a.conn = x;
-          b.conn = y;
-        } else {
-          mp::Queue<std::int64_t> ping, pong;
-          a.out = ping;
-          a.in = pong;
-          b.in = ping;
-          b.out = pong;
+      cases = case_plan;
+      L.say("");
+      L.say("over {}:", kind == "pipe"
+                            ? "an mp::Pipe (a pipe each way: each message wakes the reader)"
+                            : "two mp::Queue's (shared memory: spin about 10 us, then a futex)");
+      for (int round = 0; round < rounds; ++round) {
+        for (std::size_t k = 0; k < cases.size(); ++k) {
+          // Taking turns: each round starts one case later.
+          Case& c = cases[(k + static_cast<std::size_t>(round)) % cases.size()];
+          const int case_id =
+              static_cast<int>((k + static_cast<std::size_t>(round)) % cases.size());
+          Channel a, b;
+          if (kind == "pipe") {
+            auto [x, y] = mp::Pipe();
+            a.conn = x;
+            b.conn = y;
+          } else {
+            mp::Queue<std::int64_t> ping, pong;
+            a.out = ping;
+            a.in = pong;
+            b.in = ping;
+            b.out = pong;
+          }
+          Report base;
+          base.case_id = case_id;
+          base.run = round;
+          mp::Process pa{fork, pinger, a, reports, base, c.how_a, c.a, n, warm};
+          mp::Process pb{fork, answerer, b, reports, base, c.how_b, c.b};
+          pb.start();
+          pa.start();
+          if (a.conn) a.conn->close();  // the children hold the ends now
+          if (b.conn) b.conn->close();
+          std::optional<Report> ra, rb;
+          for (int i = 0; i < 2; ++i) {
+            Report r = next_report(reports, {&pa, &pb}, fmt::format("run the {} ping-pong", c.id));
+            (r.role == 0 ? ra : rb) = r;
+          }
+          pa.join();
+          pb.join();
+          ++runs;
+          exits_ok = exits_ok && pa.exitcode() == 0 && pb.exitcode() == 0;
+          if (!ra || !rb) throw std::runtime_error("cannot tell the two sides' reports apart");
+          pins_ok = pins_ok && ra->pin_ok && rb->pin_ok;
+          counts_ok =
+              counts_ok && ra->replies_right && ra->round_trips == n && rb->round_trips == n + warm;
+          if (CPU_COUNT(&c.a) == 1)
+            single_cpu_seen = single_cpu_seen && CPU_ISSET(ra->cpu_at_end, &c.a);
+          if (CPU_COUNT(&c.b) == 1)
+            single_cpu_seen = single_cpu_seen && CPU_ISSET(rb->cpu_at_end, &c.b);
+          double secs = static_cast<double>(ra->ns) / 1e9;
+          c.rates.push_back(static_cast<double>(n) / secs);
+          c.vol_per_rt.push_back(static_cast<double>(ra->voluntary) / static_cast<double>(n));
+          c.invol_per_rt.push_back(static_cast<double>(ra->involuntary) / static_cast<double>(n));
+          c.cpus_a.push_back(ra->cpu_at_end);
+          c.cpus_b.push_back(rb->cpu_at_end);
         }
-        Report base;
-        base.case_id = case_id;
-        base.run = round;
-        mp::Process pa{fork, pinger, a, reports, base, c.how_a, c.a, n, warm};
-        mp::Process pb{fork, answerer, b, reports, base, c.how_b, c.b};
-        pb.start();
-        pa.start();
-        if (a.conn) a.conn->close();  // the children hold the ends now
-        if (b.conn) b.conn->close();
-        std::optional<Report> ra, rb;
-        for (int i = 0; i < 2; ++i) {
-          Report r = next_report(reports, {&pa, &pb}, fmt::format("run the {} ping-pong", c.id));
-          (r.role == 0 ? ra : rb) = r;
-        }
-        pa.join();
-        pb.join();
-        ++runs;
-        exits_ok = exits_ok && pa.exitcode() == 0 && pb.exitcode() == 0;
-        if (!ra || !rb) throw std::runtime_error("cannot tell the two sides' reports apart");
-        pins_ok = pins_ok && ra->pin_ok && rb->pin_ok;
-        counts_ok = counts_ok && ra->replies_right && ra->round_trips == n &&
-                    rb->round_trips == n + warm;
-        if (CPU_COUNT(&c.a) == 1) single_cpu_seen = single_cpu_seen && CPU_ISSET(ra->cpu_at_end, &c.a);
-        if (CPU_COUNT(&c.b) == 1) single_cpu_seen = single_cpu_seen && CPU_ISSET(rb->cpu_at_end, &c.b);
-        double secs = static_cast<double>(ra->ns) / 1e9;
-        c.rates.push_back(static_cast<double>(n) / secs);
-        c.vol_per_rt.push_back(static_cast<double>(ra->voluntary) / static_cast<double>(n));
-        c.invol_per_rt.push_back(static_cast<double>(ra->involuntary) / static_cast<double>(n));
-        c.cpus_a.push_back(ra->cpu_at_end);
-        c.cpus_b.push_back(rb->cpu_at_end);
       }
-    }
 
-    const Case* cross = nullptr;
-    for (const Case& c : cases) {
-      if (c.id == "different_cores") cross = &c;
-    }
-    const Case& base_case = cross ? *cross : cases.back();  // ratios against this one
-    base_id = base_case.id;
-    const double base_rate = median(base_case.rates);
-    L.say("{:<16} {:>11} {:>11} {:>11} {:>8} {:>9} {:>7} {:>7}  {}", "case", "rt/s median",
-          "min", "max", "vs " + std::string(cross ? "cores" : "unpin"), "us per rt", "vol/rt",
-          "inv/rt", "CPUs at the end, A/B");
-    nlohmann::json jcases = nlohmann::json::object();
-    for (const Case& c : cases) {
-      double med = median(c.rates);
-      double lo = *std::min_element(c.rates.begin(), c.rates.end());
-      double hi = *std::max_element(c.rates.begin(), c.rates.end());
-      std::vector<std::string> ran;
-      for (std::size_t i = 0; i < c.cpus_a.size(); ++i) {
-        ran.push_back(fmt::format("{}/{}", c.cpus_a[i], c.cpus_b[i]));
+      const Case* cross = nullptr;
+      for (const Case& c : cases) {
+        if (c.id == "different_cores") cross = &c;
       }
-      L.say("{:<16} {:>11.0f} {:>11.0f} {:>11.0f} {:>7.2f}x {:>9.2f} {:>7.2f} {:>7.2f}  {}", c.id,
-            med, lo, hi, med / base_rate, 1e6 / med, median(c.vol_per_rt),
-            median(c.invol_per_rt), fmt::join(ran, " "));
-      jcases[c.id] = {{"where", c.where},
-                      {"rates", c.rates},
-                      {"median", med},
-                      {"min", lo},
-                      {"max", hi},
-                      {"ratio_to_base", med / base_rate},
-                      {"us_per_round_trip", 1e6 / med},
-                      {"voluntary_per_rt", median(c.vol_per_rt)},
-                      {"involuntary_per_rt", median(c.invol_per_rt)},
-                      {"requested_a", cpus_of(c.a)},
-                      {"requested_b", cpus_of(c.b)},
-                      {"cpu_at_end_a", c.cpus_a},
-                      {"cpu_at_end_b", c.cpus_b}};
-    }
-    jvia[kind] = jcases;
+      const Case& base_case = cross ? *cross : cases.back();  // ratios against this one
+      base_id = base_case.id;
+      const double base_rate = median(base_case.rates);
+      L.say("{:<16} {:>11} {:>11} {:>11} {:>8} {:>9} {:>7} {:>7}  {}", "case", "rt/s median", "min",
+            "max", "vs " + std::string(cross ? "cores" : "unpin"), "us per rt", "vol/rt", "inv/rt",
+            "CPUs at the end, A/B");
+      nlohmann::json jcases = nlohmann::json::object();
+      for (const Case& c : cases) {
+        double med = median(c.rates);
+        double lo = *std::min_element(c.rates.begin(), c.rates.end());
+        double hi = *std::max_element(c.rates.begin(), c.rates.end());
+        std::vector<std::string> ran;
+        for (std::size_t i = 0; i < c.cpus_a.size(); ++i) {
+          ran.push_back(fmt::format("{}/{}", c.cpus_a[i], c.cpus_b[i]));
+        }
+        L.say("{:<16} {:>11.0f} {:>11.0f} {:>11.0f} {:>7.2f}x {:>9.2f} {:>7.2f} {:>7.2f}  {}", c.id,
+              med, lo, hi, med / base_rate, 1e6 / med, median(c.vol_per_rt), median(c.invol_per_rt),
+              fmt::join(ran, " "));
+        jcases[c.id] = {{"where", c.where},
+                        {"rates", c.rates},
+                        {"median", med},
+                        {"min", lo},
+                        {"max", hi},
+                        {"ratio_to_base", med / base_rate},
+                        {"us_per_round_trip", 1e6 / med},
+                        {"voluntary_per_rt", median(c.vol_per_rt)},
+                        {"involuntary_per_rt", median(c.invol_per_rt)},
+                        {"requested_a", cpus_of(c.a)},
+                        {"requested_b", cpus_of(c.b)},
+                        {"cpu_at_end_a", c.cpus_a},
+                        {"cpu_at_end_b", c.cpus_b}};
+      }
+      jvia[kind] = jcases;
     }
     L.say("");
-    L.say("(rt/s: round trips per second measured by side A; vs: the median over the {} case's;\n"
-          "vol/rt, inv/rt: side A's voluntary and involuntary context switches per round trip,\n"
-          "from mp::process_stats; CPUs at the end: sched_getcpu() of each side, per round.)",
-          base_id);
+    L.say(
+        "(rt/s: round trips per second measured by side A; vs: the median over the {} case's;\n"
+        "vol/rt, inv/rt: side A's voluntary and involuntary context switches per round trip,\n"
+        "from mp::process_stats; CPUs at the end: sched_getcpu() of each side, per round.)",
+        base_id);
     L.say("every child's affinity, read back with sched_getaffinity, was the one asked for: {}",
           pins_ok);
     L.say("every round trip answered and checked ({} x {} runs): {}", n, runs, counts_ok);
-    L.say("a side pinned to one CPU was on that CPU at the end (sched_getcpu): {}", single_cpu_seen);
+    L.say("a side pinned to one CPU was on that CPU at the end (sched_getcpu): {}",
+          single_cpu_seen);
 
     // Step 5: memory placement.
     L.step("memory placement (NUMA)");
@@ -648,15 +658,17 @@ int main(int argc, char** argv) {
     const long touch_bytes = quick ? (4L << 20) : (16L << 20);
     nlohmann::json jplace = nlohmann::json::array();
     if (nodes <= 1) {
-      L.say("One NUMA node: every core is as near to all of the memory as any other, so where\n"
-            "memory is placed changes nothing on this machine, and this lesson measures no gain.");
+      L.say(
+          "One NUMA node: every core is as near to all of the memory as any other, so where\n"
+          "memory is placed changes nothing on this machine, and this lesson measures no gain.");
     } else {
       L.say("{} NUMA nodes: memory is near one node's cores, farther from the others'.", nodes);
     }
     if (can_locate) {
       mp::Queue<Placement> places;
       for (int i = 0; i < nodes && i < 8; ++i) {
-        hwloc_obj_t o = hwloc_get_obj_by_type(g_topology, HWLOC_OBJ_NUMANODE, static_cast<unsigned>(i));
+        hwloc_obj_t o =
+            hwloc_get_obj_by_type(g_topology, HWLOC_OBJ_NUMANODE, static_cast<unsigned>(i));
         cpu_set_t cpus;
         CPU_ZERO(&cpus);
         hwloc_cpuset_to_glibc_sched_affinity(g_topology, o->cpuset, &cpus, sizeof cpus);
@@ -665,17 +677,19 @@ int main(int argc, char** argv) {
           L.say("node {}: none of its CPUs is allowed here, skipped", o->os_index);
           continue;
         }
-        mp::Process p{fork, touch_on_node, places, static_cast<int>(o->os_index), cpus, touch_bytes};
+        mp::Process p{fork, touch_on_node, places, static_cast<int>(o->os_index),
+                      cpus, touch_bytes};
         p.start();
         Placement pl = next_report(places, {&p}, "place memory");
         p.join();
         exits_ok = exits_ok && p.exitcode() == 0;
-        L.say("a child on node {}'s CPUs wrote {}: first touch put its pages on node(s) {};\n"
-              "  hwloc_alloc_membind(node {}): {}",
-              pl.node, size_text(static_cast<std::uint64_t>(touch_bytes)),
-              list_text(mask_list(pl.first_touch)), pl.node,
-              pl.membind_ok ? fmt::format("pages on node(s) {}", list_text(mask_list(pl.membind)))
-                            : "refused");
+        L.say(
+            "a child on node {}'s CPUs wrote {}: first touch put its pages on node(s) {};\n"
+            "  hwloc_alloc_membind(node {}): {}",
+            pl.node, size_text(static_cast<std::uint64_t>(touch_bytes)),
+            list_text(mask_list(pl.first_touch)), pl.node,
+            pl.membind_ok ? fmt::format("pages on node(s) {}", list_text(mask_list(pl.membind)))
+                          : "refused");
         jplace.push_back({{"node", pl.node},
                           {"first_touch_nodes", mask_list(pl.first_touch)},
                           {"membind_ok", pl.membind_ok == 1},
@@ -697,10 +711,11 @@ int main(int argc, char** argv) {
                             {"core_pus", jcores}};
     L.fact("topology", jtopo);
     L.fact("allowed_cpus", allowed_list);
-    L.fact("pin_one_cpu", nlohmann::json{{"cpu", pu_a}, {"read_back", cpus_of(one.got)}, {"ran_on", one.cpu}});
+    L.fact("pin_one_cpu",
+           nlohmann::json{{"cpu", pu_a}, {"read_back", cpus_of(one.got)}, {"ran_on", one.cpu}});
     L.fact("pin_core_hwloc", nlohmann::json{{"requested", cpus_of(core_a_set)},
-                              {"read_back", cpus_of(whole.got)},
-                              {"ran_on", whole.cpu}});
+                                            {"read_back", cpus_of(whole.got)},
+                                            {"ran_on", whole.cpu}});
     L.fact("pin_checks_ok", pin_checks_ok);
     L.fact("via", via);
     L.fact("round_trips", n);

@@ -1,4 +1,4 @@
-// profiling_mp_programs.cpp - Where the time of a multi-process program goes: per-worker insights, the slowest tasks, perf.
+// profiling_mp_programs.cpp - Where a pool's time goes: per-worker insights, slowest tasks, perf.
 //
 // A pool runs tasks of uneven cost: most compute for a millisecond or three, a few for ten
 // or twenty, and some wait (sleep) instead of computing. Each task returns its pid and the
@@ -71,7 +71,8 @@ double ms(std::int64_t ns) { return static_cast<double>(ns) / 1e6; }
 // Nanoseconds of CPU time of the calling thread, exact (not in clock ticks).
 std::int64_t thread_cpu_ns() {
   timespec ts{};
-  if (::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == -1) mp::throw_errno("read the thread's CPU time");
+  if (::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == -1)
+    mp::throw_errno("read the thread's CPU time");
   return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
 }
 
@@ -174,9 +175,9 @@ struct Worker {
   std::int64_t ready_ns = 0;  // when its initializer ran
   std::vector<TaskRecord> tasks;
   double working_ms = 0, computing_ms = 0, sleeping_ms = 0;
-  double task_cpu_ms = 0;  // CPU time inside its tasks (exact)
-  double wall_ms = 0;     // from ready to the end of the map
-  double startup_ms = 0;  // from the pool's construction to ready
+  double task_cpu_ms = 0;    // CPU time inside its tasks (exact)
+  double wall_ms = 0;        // from ready to the end of the map
+  double startup_ms = 0;     // from the pool's construction to ready
   double first_task_ms = 0;  // from ready to its first task (dispatch), 0 without tasks
   double idle_tail_ms = 0;   // from its last task to the end of the map
   mp::CpuTimes cpu;
@@ -245,8 +246,7 @@ std::string self_path() {
 
 int main(int argc, char** argv) {
   lesson::Lesson L{MP_LESSON_ID,
-                   "Where the time of a multi-process program goes: per-worker insights, the "
-                   "slowest tasks, perf."};
+                   "Where a pool's time goes: per-worker insights, slowest tasks, perf."};
   int& workers = L.add_workers(2, 64);
   std::uint64_t& seed = L.add_seed(1);
   int tasks_n = 60, top = 5;
@@ -259,7 +259,9 @@ int main(int argc, char** argv) {
   L.cli()
       .add_option("--start-method", method, "how the workers start (default: mp's default)")
       ->check(CLI::IsMember({"fork", "spawn", "forkserver"}));
-  L.cli().add_option("--top", top, "slowest tasks to list")->check(CLI::Range(1, 1000))
+  L.cli()
+      .add_option("--top", top, "slowest tasks to list")
+      ->check(CLI::Range(1, 1000))
       ->capture_default_str();
   L.cli().add_flag("--no-perf", no_perf, "skip the perf part");
   L.cli().add_flag("--quick", quick, "24 tasks: a smoke test");
@@ -279,7 +281,8 @@ int main(int argc, char** argv) {
     const mp::Context ctx = mp::get_context(method);
     L.say(
         "{} tasks (seed {}): {} compute (a hash chain, {} steps per ms here), {} sleep;\n"
-        "{:.0f} ms of work planned in all. A pool of {} workers ({}), chunksize 1, {} cores online.",
+        "{:.0f} ms of work planned in all. A pool of {} workers ({}), chunksize 1, {} cores "
+        "online.",
         tasks_n, seed, computing, steps_per_ms, tasks_n - computing, planned_ms, workers,
         ctx.start_method(), mp::cpu_count());
 
@@ -346,7 +349,7 @@ int main(int argc, char** argv) {
         w.working_ms += d;
         w.task_cpu_ms += ms(r.cpu_ns);
         (tasks[static_cast<std::size_t>(r.index)].kind == kCompute ? w.computing_ms
-                                                                    : w.sleeping_ms) += d;
+                                                                   : w.sleeping_ms) += d;
         w.ordered = w.ordered && r.start_ns >= last_end && r.end_ns >= r.start_ns;
         last_end = r.end_ns;
       }
@@ -391,12 +394,13 @@ int main(int argc, char** argv) {
     for (const auto& [pid, w] : by_pid) {
       double cpu_ms = 1000 * (w.cpu.user + w.cpu.system);
       total_working += w.working_ms;
-      L.say("{:>7} {:>8.1f} {:>8.2f} {:>5} {:>8.1f} {:>8.1f} {:>8.1f} {:>7.1f} {:>8.1f} {:>7.1f} "
-            "{:>6.0f} {:>6.0f} {:>7.0f} {:>8}",
-            pid, w.startup_ms, w.first_task_ms, w.tasks.size(), w.working_ms, w.sleeping_ms,
-            w.task_cpu_ms, w.wall_ms - w.working_ms, w.idle_tail_ms, w.wall_ms, 1000 * w.cpu.user,
-            1000 * w.cpu.system, std::round(cpu_ms - w.task_cpu_ms) + 0.0,
-            fmt::format("{}/{}", w.ctx.voluntary, w.ctx.involuntary));
+      L.say(
+          "{:>7} {:>8.1f} {:>8.2f} {:>5} {:>8.1f} {:>8.1f} {:>8.1f} {:>7.1f} {:>8.1f} {:>7.1f} "
+          "{:>6.0f} {:>6.0f} {:>7.0f} {:>8}",
+          pid, w.startup_ms, w.first_task_ms, w.tasks.size(), w.working_ms, w.sleeping_ms,
+          w.task_cpu_ms, w.wall_ms - w.working_ms, w.idle_tail_ms, w.wall_ms, 1000 * w.cpu.user,
+          1000 * w.cpu.system, std::round(cpu_ms - w.task_cpu_ms) + 0.0,
+          fmt::format("{}/{}", w.ctx.voluntary, w.ctx.involuntary));
     }
     L.say(
         "(ms. start-up: pool construction to the worker's initializer; 1st task: initializer to\n"
@@ -417,12 +421,14 @@ int main(int argc, char** argv) {
       compute_wall += ms(r.end_ns - r.start_ns);
       compute_cpu += ms(r.cpu_ns);
     }
-    L.say("Computing tasks: {:.1f} ms on the clock, {:.1f} ms on a CPU ({:.0f}%): for the rest\n"
-          "they were runnable but not running, the cores busy with other processes.",
-          compute_wall, compute_cpu, compute_wall > 0 ? 100 * compute_cpu / compute_wall : 0.0);
-    L.say("Workers were busy {:.0f}% of {} x the map's time; this process (the pool's threads)\n"
-          "used {:.0f} ms of CPU during the map.",
-          100 * busy, workers, parent_cpu_ms);
+    L.say(
+        "Computing tasks: {:.1f} ms on the clock, {:.1f} ms on a CPU ({:.0f}%): for the rest\n"
+        "they were runnable but not running, the cores busy with other processes.",
+        compute_wall, compute_cpu, compute_wall > 0 ? 100 * compute_cpu / compute_wall : 0.0);
+    L.say(
+        "Workers were busy {:.0f}% of {} x the map's time; this process (the pool's threads)\n"
+        "used {:.0f} ms of CPU during the map.",
+        100 * busy, workers, parent_cpu_ms);
 
     // Step 5: the slowest tasks, with their arguments: where to look first.
     L.step("the slowest tasks");
@@ -539,7 +545,8 @@ int main(int argc, char** argv) {
     jp["paranoid"] = paranoid ? nlohmann::json(*paranoid) : nlohmann::json();
     const bool root = ::geteuid() == 0;
     jp["root"] = root;
-    L.say("perf: {}", perf ? *perf : "not on PATH (Debian: linux-perf; Ubuntu: linux-tools-$(uname -r))");
+    L.say("perf: {}",
+          perf ? *perf : "not on PATH (Debian: linux-perf; Ubuntu: linux-tools-$(uname -r))");
     if (paranoid) {
       L.say("kernel.perf_event_paranoid = {}: {}{}", *paranoid, paranoid_meaning(*paranoid),
             root ? " (this process runs as root, which the setting does not restrict)" : "");
@@ -553,9 +560,8 @@ int main(int argc, char** argv) {
         perf ? *perf : "perf", self_path());
     if (perf) {
       // A trial: a software counter (task-clock) of `true`. Refused when paranoid forbids it.
-      bench::Ran trial =
-          bench::run_program({*perf, "stat", "-x", ",", "-e", "task-clock", "true"},
-                             std::chrono::seconds(20));
+      bench::Ran trial = bench::run_program({*perf, "stat", "-x", ",", "-e", "task-clock", "true"},
+                                            std::chrono::seconds(20));
       std::vector<Counter> tc = parse_perf_csv(trial.output);
       const Counter* c = find_counter(tc, "task-clock");
       usable = trial.exit_code == 0 && c != nullptr && c->value.has_value();
@@ -567,9 +573,9 @@ int main(int argc, char** argv) {
       L.say("trial `perf stat -e task-clock true`: {}",
             usable ? "works" : fmt::format("failed (exit {})", trial.exit_code));
       if (usable) {
-        bench::Ran hw_trial = bench::run_program(
-            {*perf, "stat", "-x", ",", "-e", "cycles,instructions", "true"},
-            std::chrono::seconds(20));
+        bench::Ran hw_trial =
+            bench::run_program({*perf, "stat", "-x", ",", "-e", "cycles,instructions", "true"},
+                               std::chrono::seconds(20));
         const Counter* cy = find_counter(parse_perf_csv(hw_trial.output), "cycles");
         hw = hw_trial.exit_code == 0 && cy != nullptr && cy->value.has_value();
         L.say("hardware counters (cycles, instructions): {}",
@@ -596,10 +602,14 @@ int main(int argc, char** argv) {
       const int child_tasks = 16;
       std::string events = "task-clock,context-switches,cpu-migrations,page-faults";
       if (hw) events += ",cycles,instructions";
-      std::vector<std::string> cmd = {*perf, "stat", "-x", ",", "-o", path, "-e", events, "--",
-                                      self_path(), "--tasks", std::to_string(child_tasks),
-                                      "--workers", std::to_string(workers), "--no-perf",
-                                      "--json"};
+      std::vector<std::string> cmd = {*perf,       "stat",
+                                      "-x",        ",",
+                                      "-o",        path,
+                                      "-e",        events,
+                                      "--",        self_path(),
+                                      "--tasks",   std::to_string(child_tasks),
+                                      "--workers", std::to_string(workers),
+                                      "--no-perf", "--json"};
       std::int64_t p0 = now_ns();
       bench::Ran run = bench::run_program(cmd, std::chrono::seconds(60));
       double perf_wall_ms = ms(now_ns() - p0);
@@ -631,14 +641,16 @@ int main(int argc, char** argv) {
       double workers_cpu_ms = 0;
       if (child.is_object()) {
         for (const auto& w : child["per_worker"]) {
-          workers_cpu_ms += 1000 * (w["cpu_user_s"].get<double>() + w["cpu_system_s"].get<double>());
+          workers_cpu_ms +=
+              1000 * (w["cpu_user_s"].get<double>() + w["cpu_system_s"].get<double>());
         }
       }
       const Counter* tc = find_counter(counters, "task-clock");
       if (tc && tc->value && child.is_object()) {
-        L.say("task-clock counts every process of the run: {:.1f} ms, of which mp::monitor\n"
-              "saw {:.0f} ms in its {} workers (the rest: the parent, its threads, start-up).",
-              *tc->value, workers_cpu_ms, workers);
+        L.say(
+            "task-clock counts every process of the run: {:.1f} ms, of which mp::monitor\n"
+            "saw {:.0f} ms in its {} workers (the rest: the parent, its threads, start-up).",
+            *tc->value, workers_cpu_ms, workers);
       }
       jp["stat_command"] = cmd;
       jp["stat_exit"] = run.exit_code;
@@ -649,19 +661,21 @@ int main(int argc, char** argv) {
       jp["stat_wall_ms"] = perf_wall_ms;
       ok = ok && child_ok && tc != nullptr && tc->value.has_value();
       L.say("");
-      L.say("A profile of every process, with call stacks sampled 999 times a second:\n"
-            "  $ {}\n"
-            "  $ perf report -i /tmp/mp-profile.data --sort comm,pid,symbol\n"
-            "(-g walks frame pointers: build with -fno-omit-frame-pointer, or use\n"
-            "--call-graph dwarf. --inherit is perf record's default, spelled out here.)",
-            record_cmd);
+      L.say(
+          "A profile of every process, with call stacks sampled 999 times a second:\n"
+          "  $ {}\n"
+          "  $ perf report -i /tmp/mp-profile.data --sort comm,pid,symbol\n"
+          "(-g walks frame pointers: build with -fno-omit-frame-pointer, or use\n"
+          "--call-graph dwarf. --inherit is perf record's default, spelled out here.)",
+          record_cmd);
     } else {
       L.say("");
-      L.say("perf cannot be used here: {}.\n"
-            "The figures above, from mp::monitor, are what this run can tell. Where perf works,\n"
-            "profile every process of a run with\n"
-            "  $ {}",
-            reason, record_cmd);
+      L.say(
+          "perf cannot be used here: {}.\n"
+          "The figures above, from mp::monitor, are what this run can tell. Where perf works,\n"
+          "profile every process of a run with\n"
+          "  $ {}",
+          reason, record_cmd);
     }
     L.fact("perf", jp);
     return ok;
