@@ -3,6 +3,7 @@
 // The benchmark's figures are never compared with a threshold (the machine is shared):
 // what is asserted is that every figure is there, consistent with its min and max, and
 // that each ratio is the one its definition gives.
+#include <sched.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -17,6 +18,7 @@
 #include <fstream>
 #include <mp/monitor.hpp>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -605,6 +607,310 @@ TEST_CASE("6_performance/memory_overhead_benchmark: bad options are usage errors
   for (std::vector<std::string> args : {std::vector<std::string>{"--mib", "0"},
                                         {"--mib", "x"},
                                         {"--workers", "0"}}) {
+    args.insert(args.begin(), bin);
+    auto r = testing::run(args);
+    INFO(args[1] << " " << args[2] << ": " << r.err);
+    CHECK(r.exit_code == 2);
+    CHECK(testing::count_lines(r.err) == 1);
+  }
+}
+
+TEST_CASE("6_performance/profiling_mp_programs: every task once, on a pool worker, inside its wall time",
+          "[lessons][6_performance]") {
+  auto r = testing::run_lesson_json("6_performance/profiling_mp_programs",
+                                    {"--quick", "--workers", "3", "--top", "4"});
+  CHECK(r["workers"] == 3);
+  CHECK(r["tasks_submitted"] == 24);
+  CHECK(r["records"] == 24);
+  CHECK(r["each_task_once"] == true);
+  CHECK(r["workers_started"] == 3);
+  CHECK(r["worker_pids"].size() == 3);
+  CHECK(r["all_from_pool"] == true);
+  CHECK(r["parents_right"] == true);
+  CHECK(r["tasks_ordered"] == true);
+  CHECK(r["working_within_wall"] == true);
+  CHECK(r["children_left"] == 0);
+
+  // Per worker: the tasks add up to those submitted, each worker a pool child, and the
+  // figures consistent with their definitions.
+  const auto& per = r["per_worker"];
+  REQUIRE(per.size() == 3);
+  std::vector<pid_t> pool = r["worker_pids"].get<std::vector<pid_t>>();
+  int sum = 0;
+  double working = 0;
+  for (const auto& w : per) {
+    INFO(w.dump());
+    sum += w["tasks"].get<int>();
+    CHECK(std::find(pool.begin(), pool.end(), w["pid"].get<pid_t>()) != pool.end());
+    CHECK(w["ordered"] == true);
+    CHECK(w["startup_ms"].get<double>() >= 0);
+    double work = w["working_ms"], wall = w["wall_ms"];
+    CHECK(work <= wall);
+    CHECK(w["waiting_ms"].get<double>() == Approx(wall - work));
+    CHECK(w["computing_ms"].get<double>() + w["sleeping_ms"].get<double>() == Approx(work));
+    CHECK(w["cpu_user_s"].get<double>() >= 0);
+    CHECK(w["cpu_system_s"].get<double>() >= 0);
+    working += work;
+  }
+  CHECK(sum == 24);
+  CHECK(r["busy_fraction"].get<double>() == Approx(working / (3 * r["map_ms"].get<double>())));
+
+  // The slowest tasks, slowest first, each with its arguments and a worker's pid.
+  const auto& slow = r["slowest"];
+  REQUIRE(slow.size() == 4);
+  double prev = 1e300;
+  for (const auto& t : slow) {
+    INFO(t.dump());
+    double d = t["ms"];
+    CHECK(d <= prev);
+    prev = d;
+    CHECK((t["kind"] == "compute" || t["kind"] == "sleep"));
+    CHECK(t["cost_ms"].get<int>() >= 1);
+    CHECK(t["end_ms"].get<double>() - t["start_ms"].get<double>() == Approx(d).margin(1e-6));
+    CHECK(std::find(pool.begin(), pool.end(), t["pid"].get<pid_t>()) != pool.end());
+  }
+
+  // perf: whatever this machine allows, said, and when it works, a run measured through it.
+  const auto& p = r["perf"];
+  CHECK(p["skipped"] == false);
+  CHECK(p["record_command"].get<std::string>().find("record -F 999 -g --inherit") !=
+        std::string::npos);
+  if (p["usable"] == true) {
+    CHECK(p["found"] == true);
+    CHECK(p["stat_exit"] == 0);
+    CHECK(p["stat_child_ok"] == true);
+    CHECK(p["stat_child_tasks"] == 16);
+    CHECK(p["stat_counters"]["task-clock"].get<double>() > 0);
+  } else {
+    CHECK(!p["reason"].get<std::string>().empty());
+  }
+}
+
+TEST_CASE("6_performance/profiling_mp_programs: without perf it says so and still succeeds",
+          "[lessons][6_performance]") {
+  auto bin = testing::lesson_binary("6_performance/profiling_mp_programs");
+  auto r = testing::run({"/usr/bin/env", "PATH=/nonexistent", bin, "--quick", "--json"});
+  REQUIRE(r.exit_code == 0);
+  auto j = nlohmann::json::parse(r.out);
+  CHECK(j["ok"] == true);
+  CHECK(j["tasks_counted"] == 24);
+  CHECK(j["perf"]["found"] == false);
+  CHECK(j["perf"]["usable"] == false);
+  CHECK(j["perf"]["reason"] == "perf is not installed");
+
+  auto skipped = testing::run_lesson_json("6_performance/profiling_mp_programs",
+                                          {"--tasks", "5", "--workers", "1", "--no-perf"});
+  CHECK(skipped["perf"]["skipped"] == true);
+  CHECK(skipped["tasks_counted"] == 5);
+  CHECK(skipped["per_worker"].size() == 1);
+  CHECK(skipped["per_worker"][0]["tasks"] == 5);
+}
+
+TEST_CASE("6_performance/profiling_mp_programs: a perf that refuses is said, and the run succeeds",
+          "[lessons][6_performance]") {
+  // A perf on PATH that refuses as perf does when perf_event_paranoid forbids it.
+  auto dir = testing::scratch_dir("mp-fake-perf");
+  std::filesystem::create_directories(dir);
+  {
+    std::ofstream f(dir / "perf");
+    f << "#!/bin/sh\n"
+         "echo 'Error: Access to performance monitoring and observability operations is "
+         "limited.' >&2\n"
+         "exit 255\n";
+  }
+  std::filesystem::permissions(dir / "perf", std::filesystem::perms::owner_all);
+  auto bin = testing::lesson_binary("6_performance/profiling_mp_programs");
+  auto r = testing::run(
+      {"/usr/bin/env", "PATH=" + dir.string() + ":/usr/bin:/bin", bin, "--quick", "--json"});
+  std::filesystem::remove_all(dir);
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  auto j = nlohmann::json::parse(r.out);
+  CHECK(j["ok"] == true);
+  CHECK(j["tasks_counted"] == 24);
+  CHECK(j["perf"]["found"] == true);
+  CHECK(j["perf"]["path"] == (dir / "perf").string());
+  CHECK(j["perf"]["usable"] == false);
+  CHECK_THAT(j["perf"]["reason"].get<std::string>(),
+             Catch::Contains("exit 255") && Catch::Contains("Access to performance monitoring"));
+  CHECK_FALSE(j["perf"].contains("stat_counters"));
+}
+
+TEST_CASE("6_performance/profiling_mp_programs: spawn and forkserver workers, counted the same way",
+          "[lessons][6_performance]") {
+  for (const char* m : {"spawn", "forkserver"}) {
+    INFO(m);
+    auto r = testing::run_lesson_json("6_performance/profiling_mp_programs",
+                                      {"--tasks", "10", "--start-method", m, "--no-perf"});
+    CHECK(r["start_method"] == m);
+    CHECK(r["tasks_counted"] == 10);
+    CHECK(r["each_task_once"] == true);
+    CHECK(r["all_from_pool"] == true);
+    CHECK(r["parents_right"] == true);
+    CHECK(r["children_left"] == 0);
+    // forkserver: the workers' parent is the server, one process; spawn: this process.
+    const auto& parents = r["worker_parents"];
+    REQUIRE(parents.size() == 1);
+    for (const auto& w : r["per_worker"]) CHECK(w["ppid"] == parents[0]);
+  }
+}
+
+TEST_CASE("6_performance/profiling_mp_programs: bad options are usage errors",
+          "[lessons][6_performance]") {
+  auto bin = testing::lesson_binary("6_performance/profiling_mp_programs");
+  for (std::vector<std::string> args : {std::vector<std::string>{"--tasks", "0"},
+                                        {"--workers", "0"},
+                                        {"--start-method", "vfork"},
+                                        {"--top", "x"}}) {
+    args.insert(args.begin(), bin);
+    auto r = testing::run(args);
+    INFO(args[1] << " " << args[2] << ": " << r.err);
+    CHECK(r.exit_code == 2);
+    CHECK(testing::count_lines(r.err) == 1);
+  }
+}
+
+namespace {
+
+// The CPUs this test may run on (its affinity), as the lesson reads its own.
+std::vector<int> test_cpus() {
+  cpu_set_t s;
+  CPU_ZERO(&s);
+  REQUIRE(::sched_getaffinity(0, sizeof s, &s) == 0);
+  std::vector<int> out;
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (CPU_ISSET(c, &s)) out.push_back(c);
+  }
+  return out;
+}
+
+// Whether `cpus` lie on two cores or more of the topology the lesson reported.
+bool on_two_cores(const nlohmann::json& topology, const std::vector<int>& cpus) {
+  std::set<std::size_t> cores;
+  const auto& core_pus = topology["core_pus"];
+  for (int c : cpus) {
+    for (std::size_t i = 0; i < core_pus.size(); ++i) {
+      for (const auto& p : core_pus[i]) {
+        if (p == c) cores.insert(i);
+      }
+    }
+  }
+  return cores.size() >= 2 || (core_pus.empty() && cpus.size() >= 2);
+}
+
+// The checks every run of affinity_and_numa must pass, whatever the machine.
+void check_affinity_report(const nlohmann::json& r, const std::vector<std::string>& kinds,
+                           const std::vector<int>& allowed) {
+  CHECK(r["allowed_cpus"].get<std::vector<int>>() == allowed);
+  const auto& topo = r["topology"];
+  CHECK(topo["packages"].get<int>() >= 1);
+  CHECK(topo["numa_nodes"].get<int>() >= 1);
+  CHECK(topo["cores"].get<int>() >= 1);
+  CHECK(topo["pus"].get<int>() >= static_cast<int>(allowed.size()));
+  CHECK(topo["nodes"].size() == topo["numa_nodes"].get<std::size_t>());
+
+  // Pinning took effect: read back in the child, and sched_getcpu() inside the set.
+  const int first = allowed.at(0);
+  CHECK(r["pin_checks_ok"] == true);
+  CHECK(r["pin_one_cpu"]["cpu"] == first);
+  CHECK(r["pin_one_cpu"]["read_back"] == std::vector<int>{first});
+  CHECK(r["pin_one_cpu"]["ran_on"] == first);
+  const auto core = r["pin_core_hwloc"]["requested"].get<std::vector<int>>();
+  CHECK(r["pin_core_hwloc"]["read_back"].get<std::vector<int>>() == core);
+  CHECK(std::find(core.begin(), core.end(), r["pin_core_hwloc"]["ran_on"].get<int>()) != core.end());
+
+  CHECK(r["pins_read_back_ok"] == true);
+  CHECK(r["round_trips_ok"] == true);
+  CHECK(r["single_cpu_seen"] == true);
+  CHECK(r["children_exit_0"] == true);
+  CHECK(r["children_left"] == 0);
+
+  // The cases: different cores exactly when the allowed CPUs span two cores.
+  const bool cross = on_two_cores(topo, allowed);
+  bool cross_skipped = false;
+  for (const auto& s : r["skipped"]) cross_skipped = cross_skipped || s["case"] == "different_cores";
+  CHECK(cross_skipped == !cross);
+  CHECK(r["ratio_base"] == (cross ? "different_cores" : "unpinned"));
+  const int rounds = r["rounds"];
+  const auto& cases = r["cases"];
+  REQUIRE(cases.size() == kinds.size());
+  std::size_t per_kind = 0;
+  for (const auto& kind : kinds) {
+    INFO(kind);
+    REQUIRE(cases.contains(kind));
+    const auto& k = cases[kind];
+    CHECK(k.contains("same_pu"));
+    CHECK(k.contains("unpinned"));
+    CHECK(k.contains("different_cores") == cross);
+    per_kind = k.size();
+    double base = k[r["ratio_base"].get<std::string>()]["median"];
+    for (const auto& [id, c] : k.items()) {
+      INFO(id);
+      CHECK(c["rates"].size() == static_cast<std::size_t>(rounds));
+      double med = c["median"], lo = c["min"], hi = c["max"];
+      CHECK(lo > 0);
+      CHECK(lo <= med);
+      CHECK(med <= hi);
+      CHECK(c["ratio_to_base"].get<double>() == Approx(med / base));
+      CHECK(c["us_per_round_trip"].get<double>() == Approx(1e6 / med));
+    }
+    CHECK(k["same_pu"]["requested_a"] == std::vector<int>{first});
+    CHECK(k["same_pu"]["requested_b"] == std::vector<int>{first});
+    for (const auto& cpu : k["same_pu"]["cpu_at_end_a"]) CHECK(cpu == first);
+    for (const auto& cpu : k["same_pu"]["cpu_at_end_b"]) CHECK(cpu == first);
+    CHECK(k["unpinned"]["requested_a"].get<std::vector<int>>() == allowed);
+  }
+  CHECK(r["runs"] == static_cast<long>(kinds.size() * per_kind) * rounds);
+}
+
+}  // namespace
+
+TEST_CASE("6_performance/affinity_and_numa: pinning read back, every round trip answered, each case",
+          "[lessons][6_performance]") {
+  auto r = testing::run_lesson_json("6_performance/affinity_and_numa", {"--quick"});
+  CHECK(r["via"] == "both");
+  CHECK(r["round_trips"] == 3000);
+  CHECK(r["rounds"] == 3);
+  check_affinity_report(r, {"pipe", "queue"}, test_cpus());
+  // Where the pages went is reported for each node hwloc can answer for.
+  if (r["can_locate_pages"] == true) {
+    CHECK(r["placement"].size() >= 1);
+    for (const auto& p : r["placement"]) CHECK(p["first_touch_nodes"].size() >= 1);
+  }
+}
+
+TEST_CASE("6_performance/affinity_and_numa: with one CPU allowed the cross-core case is skipped",
+          "[lessons][6_performance]") {
+  if (!std::filesystem::exists("/usr/bin/taskset")) {
+    WARN("no /usr/bin/taskset (util-linux): cannot narrow the lesson's affinity");
+    return;
+  }
+  const int cpu = test_cpus().back();
+  auto bin = testing::lesson_binary("6_performance/affinity_and_numa");
+  auto run = testing::run({"/usr/bin/taskset", "-c", std::to_string(cpu), bin, "--quick",
+                           "--via", "pipe", "--rounds", "2", "--json"});
+  INFO(run.err);
+  REQUIRE(run.exit_code == 0);
+  auto r = nlohmann::json::parse(run.out);
+  CHECK(r["ok"] == true);
+  CHECK(r["via"] == "pipe");
+  check_affinity_report(r, {"pipe"}, {cpu});
+  bool said = false;
+  for (const auto& s : r["skipped"]) {
+    if (s["case"] == "different_cores") {
+      said = s["why"].get<std::string>().find("may use only CPU(s) " + std::to_string(cpu)) !=
+             std::string::npos;
+    }
+  }
+  CHECK(said);
+}
+
+TEST_CASE("6_performance/affinity_and_numa: bad options are usage errors",
+          "[lessons][6_performance]") {
+  auto bin = testing::lesson_binary("6_performance/affinity_and_numa");
+  for (std::vector<std::string> args : {std::vector<std::string>{"--round-trips", "0"},
+                                        {"--rounds", "0"},
+                                        {"--via", "shm"}}) {
     args.insert(args.begin(), bin);
     auto r = testing::run(args);
     INFO(args[1] << " " << args[2] << ": " << r.err);
