@@ -24,10 +24,10 @@
 #include <mp/queue.hpp>
 #include <mutex>
 #include <optional>
-#include <string_view>
 #include <set>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -244,7 +244,8 @@ void several_workers(const std::string& method) {
       procs.back().set_name(fmt::format("logger-{}", w));
     }
     for (auto& p : procs) p.start();
-    for (int i = 0; i < from_parent; ++i) mp::log(mp::Level::info, "w{} #{} {}", 99, i, payload(99, i));
+    for (int i = 0; i < from_parent; ++i)
+      mp::log(mp::Level::info, "w{} #{} {}", 99, i, payload(99, i));
     std::map<pid_t, int> worker_of;
     for (int w = 0; w < workers; ++w) {
       REQUIRE(procs[static_cast<std::size_t>(w)].join(120s));
@@ -358,17 +359,16 @@ TEST_CASE("logging: pool workers log through mp::log_to_queue as their initializ
   std::map<pid_t, int> lines_of;
   std::set<std::string> names;
   int malformed = 0;
-  mp::QueueListener listener{
-      q, {mp::LogSink{[&](const mp::LogRecord& r, std::string_view line) {
-            std::lock_guard lock(mutex);
-            auto l = parse(line.substr(0, line.size() - 1));
-            if (line.back() != '\n' || !l || l->pid != r.pid || l->seq < 0 ||
-                l->payload != payload(0, l->seq)) {
-              ++malformed;
-            }
-            ++lines_of[r.pid];
-            names.insert(r.process);
-          }}}};
+  mp::QueueListener listener{q, {mp::LogSink{[&](const mp::LogRecord& r, std::string_view line) {
+                               std::lock_guard lock(mutex);
+                               auto l = parse(line.substr(0, line.size() - 1));
+                               if (line.back() != '\n' || !l || l->pid != r.pid || l->seq < 0 ||
+                                   l->payload != payload(0, l->seq)) {
+                                 ++malformed;
+                               }
+                               ++lines_of[r.pid];
+                               names.insert(r.process);
+                             }}}};
   listener.start();
   std::vector<int> pids;
   {
@@ -450,8 +450,7 @@ TEST_CASE("logging: a worker SIGKILLed mid-logging loses only its own unsent lin
   mp::LogQueue q(0, mp::QueueOptions{256 * 1024});
   std::atomic<int> victim_lines{0};
   mp::QueueListener listener{
-      q, {mp::file_sink(path.string()),
-          mp::LogSink{[&](const mp::LogRecord& r, std::string_view) {
+      q, {mp::file_sink(path.string()), mp::LogSink{[&](const mp::LogRecord& r, std::string_view) {
             if (r.process == "victim") victim_lines.fetch_add(1);
           }}}};
   listener.start();
@@ -513,17 +512,16 @@ TEST_CASE("logging: levels filter in the worker, in loggers and in each sink", "
   std::vector<std::string> all, errors_only;
   std::mutex mutex;
   {
-    mp::QueueListener listener{
-        q,
-        {mp::LogSink{[&](const mp::LogRecord& r, std::string_view) {
-           std::lock_guard lock(mutex);
-           all.push_back(r.message);
-         }},
-         mp::LogSink{[&](const mp::LogRecord& r, std::string_view) {
-                       std::lock_guard lock(mutex);
-                       errors_only.push_back(r.message);
-                     },
-                     mp::Level::error}}};
+    mp::QueueListener listener{q,
+                               {mp::LogSink{[&](const mp::LogRecord& r, std::string_view) {
+                                  std::lock_guard lock(mutex);
+                                  all.push_back(r.message);
+                                }},
+                                mp::LogSink{[&](const mp::LogRecord& r, std::string_view) {
+                                              std::lock_guard lock(mutex);
+                                              errors_only.push_back(r.message);
+                                            },
+                                            mp::Level::error}}};
     listener.start();
     mp::Process p{mp::get_context(method), log_each_level, q};
     p.start();
@@ -624,9 +622,8 @@ TEST_CASE("logging: without a handler, or when the queue is closed, lines go to 
   mp::LogQueue q;
   mp::log_to_queue(q, mp::Level::info);
   q.close();
-  out = capture_stderr(scratch.file("closed"), [] {
-    CHECK_NOTHROW(mp::log(mp::Level::error, "after close"));
-  });
+  out = capture_stderr(scratch.file("closed"),
+                       [] { CHECK_NOTHROW(mp::log(mp::Level::error, "after close")); });
   INFO(out);
   CHECK(out.find("after close [mp: sent to stderr: cannot put into the queue: it is closed]") !=
         std::string::npos);
@@ -655,8 +652,7 @@ TEST_CASE("logging: a message too large for the queue arrives shortened, as one 
   CHECK(r.message.find("bytes cut: too large for the log queue]") != std::string::npos);
 }
 
-TEST_CASE("logging: a sink that throws is counted, the others still get the record",
-          "[logging]") {
+TEST_CASE("logging: a sink that throws is counted, the others still get the record", "[logging]") {
   mp::LogQueue q;
   int good = 0;
   mp::QueueListener listener{

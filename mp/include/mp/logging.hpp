@@ -52,12 +52,12 @@
 //     itself (Python's "last resort" handler only prints the message).
 #pragma once
 
+#include <fmt/format.h>
 #include <sys/types.h>
 
 #include <cereal/cereal.hpp>
 #include <cereal/types/string.hpp>
 #include <cstdint>
-#include <fmt/format.h>
 #include <functional>
 #include <initializer_list>
 #include <memory>
