@@ -671,3 +671,29 @@ TEST_CASE("logging: a sink that throws is counted, the others still get the reco
   CHECK_THROWS_WITH(mp::file_sink("/nonexistent-dir/x.log"),
                     Catch::Contains("cannot open the log file /nonexistent-dir/x.log"));
 }
+
+TEST_CASE("logging: a fork child's copy of a running listener leaves the parent's alone",
+          "[logging][processes]") {
+  mp::LogQueue q;
+  std::atomic<int> seen{0};
+  mp::QueueListener listener{
+      q, {mp::LogSink{[&](const mp::LogRecord&, std::string_view) { seen.fetch_add(1); }}}};
+  listener.start();
+  // The child's copy is not running; stopping it puts no marker and joins nothing.
+  mp::Process child{mp::get_context("fork"), [&listener, q]() mutable {
+                      if (listener.running()) return 3;
+                      listener.stop();
+                      mp::log_to_queue(q, mp::Level::info);
+                      mp::log(mp::Level::info, "from the child");
+                      return 0;
+                    }};
+  child.start();
+  REQUIRE(child.join(120s));
+  CHECK(child.exitcode() == 0);
+  CHECK(listener.running());
+  q.put(mp::LogRecord{mp::Level::info, "x", "y", 1, 0, "from the parent"});
+  listener.stop();  // would hang, or miss a record, if the child's stop had ended the thread
+  CHECK(listener.records() == 2);
+  CHECK(seen.load() == 2);
+  CHECK(no_zombies());
+}

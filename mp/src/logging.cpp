@@ -6,6 +6,7 @@
 #include <pthread.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -113,8 +114,7 @@ void set_log_handler(LogHandler handler) {
   Global& g = global();
   std::lock_guard lock(g.mutex);
   g.handler.swap(h);
-  // The old handler is destroyed here, under the lock, unless a thread still uses it.
-}
+}  // the old handler is destroyed after the unlock, once no thread still uses it
 
 namespace detail {
 
@@ -195,13 +195,13 @@ void QueueHandler::operator()(const LogRecord& record) const noexcept {
     const std::size_t fixed = 128 + record.logger.size() + record.process.size();
     if (fixed + record.message.size() > max) {
       LogRecord shorter = record;
-      const std::string note =
-          fmt::format(" [mp: {} bytes cut: too large for the log queue]",
-                      record.message.size() - std::min(record.message.size(), max - fixed));
-      std::size_t keep = max > fixed + note.size() ? max - fixed - note.size() : 0;
-      shorter.message.resize(std::min(keep, shorter.message.size()));
-      shorter.message += note;
-      queue_.put(shorter);
+      // The note is at most 80 bytes; what is kept of the message leaves room for it.
+      std::size_t room = max > fixed + 80 ? max - fixed - 80 : 0;
+      std::size_t keep = std::min(room, record.message.size());
+      shorter.message.resize(keep);
+      shorter.message += fmt::format(" [mp: {} bytes cut: too large for the log queue]",
+                                     record.message.size() - keep);
+      queue_.put(shorter);  // still too large (huge names): the catch below takes it
     } else {
       queue_.put(record);
     }
@@ -282,16 +282,28 @@ QueueListener::~QueueListener() {
   } catch (const std::exception& e) {
     detail::report_noexcept(fmt::format("cannot stop the log listener: {}", e.what()));
     // The thread owns copies of the queue and of the state: it may outlive this object.
-    if (thread_.joinable()) thread_.detach();
+    if (thread_ && thread_->joinable()) thread_->detach();
   }
 }
 
+bool QueueListener::running() const noexcept { return thread_ != nullptr && owner_ == ::getpid(); }
+
+bool QueueListener::forget_if_forked() noexcept {
+  if (thread_ == nullptr || owner_ == ::getpid()) return false;
+  // A fork child's copy of a running listener: the thread is the parent's. Joining it here
+  // would be undefined, and a stop marker would stop the parent's thread: leave both alone.
+  (void)thread_.release();
+  return true;
+}
+
 void QueueListener::start() {
-  if (thread_.joinable()) throw ProcessError("cannot start the log listener: it is running");
+  forget_if_forked();
+  if (thread_ != nullptr) throw ProcessError("cannot start the log listener: it is running");
   static std::atomic<std::uint64_t> runs{0};
   state_->token = fmt::format("mp-log-stop {} {} {}", ::getpid(), static_cast<void*>(this),
                               runs.fetch_add(1) + 1);
-  thread_ = std::thread([queue = queue_, state = state_]() mutable {
+  owner_ = ::getpid();
+  thread_ = std::make_unique<std::thread>([queue = queue_, state = state_]() mutable {
     for (;;) {
       LogRecord r;
       try {
@@ -333,7 +345,7 @@ void QueueListener::start() {
 }
 
 void QueueListener::stop() {
-  if (!thread_.joinable()) return;
+  if (forget_if_forked() || thread_ == nullptr) return;
   LogRecord marker;
   marker.level = kStopLevel;
   marker.pid = ::getpid();
@@ -343,7 +355,8 @@ void QueueListener::stop() {
   } catch (const ShutDown&) {
     // Closed: the thread ends by itself once it has drained the queue.
   }
-  thread_.join();
+  thread_->join();
+  thread_.reset();
 }
 
 std::uint64_t QueueListener::records() const noexcept {

@@ -166,7 +166,8 @@ class Logger {
   std::optional<Level> level_;
 };
 
-// The logger named "mp" (Python: multiprocessing.get_logger()).
+// The logger named "mp" (Python: multiprocessing.get_logger()). The library itself does
+// not log through it yet: it is there for programs that want Python's name.
 Logger& get_logger();
 
 // From now on this process's records go straight to stderr, one write() per line, and the
@@ -229,7 +230,9 @@ class QueueListener {
   // stop(), reporting (not throwing) a failure on stderr.
   ~QueueListener();
 
-  // Starts the thread. Throws mp::ProcessError when it is already running.
+  // Starts the thread. Throws mp::ProcessError when it is already running. A fork child's
+  // copy of a running listener is not running: its stop() and destructor do nothing, and
+  // it may start a thread of its own.
   void start();
   // Writes every record whose put() returned before stop() was called, then ends the
   // thread and returns. Records put later stay in the queue for a later start(). Harmless
@@ -237,7 +240,7 @@ class QueueListener {
   // One listener per queue at a time: stop() puts a marker record that its thread, and
   // only its thread, recognizes.
   void stop();
-  bool running() const noexcept { return thread_.joinable(); }
+  bool running() const noexcept;
 
   // Records written (given to the sinks) so far.
   std::uint64_t records() const noexcept;
@@ -249,10 +252,12 @@ class QueueListener {
 
  private:
   struct State;
+  bool forget_if_forked() noexcept;
 
   LogQueue queue_;
   std::shared_ptr<State> state_;
-  std::thread thread_;
+  std::unique_ptr<std::thread> thread_;  // null when not running
+  pid_t owner_ = 0;                       // the process that started thread_
 };
 
 }  // namespace mp
