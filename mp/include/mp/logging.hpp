@@ -16,7 +16,8 @@
 //   LogQueue               mp::Queue<LogRecord>: what handlers put into and listeners read.
 //   log(level, fmt, ...)   formats with fmt and hands the record to this process's handler.
 //   Logger{name}           the same with a name and an optional level of its own.
-//   set_log_level(level)   this process's threshold: records below it are not even formatted.
+//   set_log_level(level)   this process's threshold (default warning): records below it are
+//                          not even formatted.
 //   set_log_handler(h)     where this process's records go (default: straight to stderr).
 //   QueueHandler{q}        a handler that puts each record into q.
 //   log_to_queue(q, lvl)   set_log_handler(QueueHandler{q}) + set_log_level(lvl): a ready
@@ -24,8 +25,8 @@
 //   QueueListener          a thread in the parent that gets records and writes each one,
 //                          formatted, to its sinks with one write() per line.
 //   stderr_sink, file_sink, fd_sink, or any callable: where a listener writes.
-//   format_record(r)       the default line: "2026-12-03 11:49:41.123 [INFO/PoolWorker-1:4242]
-//                          worker: task 3 done".
+//   format_record(r)       the default line: "2026-12-03 11:49:41.123
+//                          [INFO/ForkPoolWorker-1:4242] worker: task 3 done" (one line).
 //   get_logger()           the logger named "mp" (Python: multiprocessing.get_logger()).
 //   log_to_stderr(level)   this process logs to stderr from now on, at `level`.
 //
@@ -41,9 +42,10 @@
 //     is no feeder thread, so a worker may log and crash (or _exit) at once and the line
 //     still arrives. Python's QueueHandler loses what its feeder had not sent.
 //   - A full queue makes log() wait (no line is dropped); Python's QueueHandler uses
-//     put_nowait and reports queue.Full. A closed queue, a record too large for the queue
-//     (its message is shortened to fit first), or any other failure to put sends that line
-//     to stderr instead, so nothing vanishes silently and log() never throws.
+//     put_nowait and reports queue.Full. A message too large for the queue is shortened to
+//     fit, with a note saying how much was cut. A closed queue, or any other failure to
+//     put, sends that line to stderr instead: nothing vanishes silently, and the handler
+//     never throws into the code that logged.
 //   - No logger hierarchy, propagation, filters or handler list: one threshold and one
 //     handler per process, and per-sink levels in the listener. A worker needs little more,
 //     and the state is small enough to survive fork (it is locked around fork()).
@@ -257,7 +259,7 @@ class QueueListener {
   LogQueue queue_;
   std::shared_ptr<State> state_;
   std::unique_ptr<std::thread> thread_;  // null when not running
-  pid_t owner_ = 0;                       // the process that started thread_
+  pid_t owner_ = 0;                      // the process that started thread_
 };
 
 }  // namespace mp
