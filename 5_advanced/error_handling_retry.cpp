@@ -17,13 +17,21 @@
 // demo::TransientError is thrown; a task with i % 6 == 5 throws std::invalid_argument
 // (permanent) every time.
 //
+// The workers say what each try is about to do through mp/logging.hpp: the pool's
+// initializer (mp::log_to_queue) sends every worker's records into one mp::LogQueue, and an
+// mp::QueueListener thread in the parent writes them, one whole line each with the
+// worker's name and pid, to a file (--log-file) and to a check that counts them. A worker
+// that logs "crashing" and dies a moment later still has its line delivered: the record was
+// in shared memory before log() returned.
+//
 // Usage: error_handling_retry [--workers N] [--tasks N] [--max-tries N] [--base-delay-ms N]
-//                             [--seed N] [--json]
-//   $ build/5_advanced/error_handling_retry --tasks 12 --max-tries 3
+//                             [--seed N] [--log-file PATH] [--json]
+//   $ build/5_advanced/error_handling_retry --tasks 12 --max-tries 3 --log-file retry.log
 //
 // Watch for: the counts equal the schedule's; each crash cost a worker (workers started =
 // workers + crashes); permanent errors are never retried; every retry waited at least its
-// backoff; a task that gave up still has each of its failures, with type, message and pid.
+// backoff; a task that gave up still has each of its failures, with type, message and pid;
+// one worker log line per try, each whole, with a worker's pid - the crashed tries' too.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <signal.h>
@@ -34,9 +42,11 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <deque>
 #include <map>
 #include <mp/error.hpp>
+#include <mp/logging.hpp>
 #include <mp/pool.hpp>
 #include <mutex>
 #include <random>
@@ -71,21 +81,57 @@ Planned planned(int i, int k) {
   return i % 5 == 0 ? Planned::crash : Planned::transient;  // ...crashing when 5 divides i
 }
 
-// The task: does what the schedule says for try k of task i.
+// The task: does what the schedule says for try k of task i, and logs it first. The line
+// goes through the queue the pool's initializer (mp::log_to_queue) installed.
 long task(int i, int k) {
+  const mp::Logger log{"task"};
   switch (planned(i, k)) {
     case Planned::ok:
+      log.info("task {} try {}: ok", i, k + 1);
       return long{i} * i;
     case Planned::transient:
+      log.warning("task {} try {}: throwing demo::TransientError", i, k + 1);
       throw demo::TransientError(fmt::format("task {} try {}: the service was busy", i, k + 1));
     case Planned::crash:
+      log.critical("task {} try {}: crashing (SIGSEGV)", i, k + 1);
       ::raise(SIGSEGV);  // the worker dies here, as with a real segfault
       return -1;
     case Planned::permanent:
+      log.error("task {} try {}: throwing std::invalid_argument", i, k + 1);
       throw std::invalid_argument(fmt::format("task {}: the input is malformed", i));
   }
   return -1;
 }
+
+// What the parent checks in every worker log line, on the listener's thread.
+struct LogCheck {
+  std::mutex mutex;
+  pid_t parent = 0;
+  int lines = 0;
+  int bad = 0;  // not one whole line, or not from a worker, or pid not in the line
+  int crash_lines = 0;
+  std::map<int, int> lines_of_task;  // task -> lines (one per try)
+  std::vector<std::string> sample;   // the lines of one task, for the story
+
+  void take(const mp::LogRecord& r, std::string_view line, int sample_task) {
+    // One line: ends with its only '\n', and names the worker's process and pid.
+    const std::string tag =
+        fmt::format("[{}/{}:{}] task: ", mp::level_name(r.level), r.process, r.pid);
+    bool whole = !line.empty() && line.find('\n') == line.size() - 1 &&
+                 line.find(tag) != std::string_view::npos;
+    bool from_worker =
+        r.pid > 0 && r.pid != parent && r.process.find("PoolWorker-") != std::string::npos;
+    int i = -1, k = -1;
+    bool parsed = std::sscanf(r.message.c_str(), "task %d try %d", &i, &k) == 2;
+    std::lock_guard lock(mutex);
+    ++lines;
+    if (!whole || !from_worker || !parsed) ++bad;
+    if (!parsed) return;
+    ++lines_of_task[i];
+    if (r.message.find("crashing") != std::string::npos) ++crash_lines;
+    if (i == sample_task) sample.emplace_back(line.substr(0, line.size() - 1));
+  }
+};
 
 // ---- the parent's side
 
@@ -243,11 +289,28 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 1000))
       ->capture_default_str();
   std::uint64_t& seed = L.add_seed(1);
+  std::string log_file;
+  L.cli().add_option("--log-file", log_file, "also append the workers' log lines to this file");
   L.parse(argc, argv);
 
   return L.run([&] {
-    mp::Pool pool{workers};
     const pid_t self = ::getpid();
+
+    // Step 0: one log queue for every worker, and one listener thread here that writes
+    // each record as one line: to --log-file, and to a check that counts them.
+    mp::LogQueue log_queue;
+    LogCheck check;
+    check.parent = self;
+    const int sample_task = 10;  // the task whose lines the story shows (it crashes twice)
+    std::vector<mp::LogSink> sinks{
+        mp::LogSink{[&check, sample_task](const mp::LogRecord& r, std::string_view line) {
+          check.take(r, line, sample_task);
+        }}};
+    if (!log_file.empty()) sinks.push_back(mp::file_sink(log_file));
+    mp::QueueListener listener{log_queue, std::move(sinks)};
+    listener.start();
+    // Each worker, replacements included, sends its records at info and above to the queue.
+    mp::Pool pool{workers, {mp::log_to_queue, log_queue, mp::Level::info}};
 
     // Step 1: one failure of each kind, with apply(): what reaches the parent.
     L.step("an exception and a crash in a worker");
@@ -348,6 +411,7 @@ int main(int argc, char** argv) {
     pool.close();
     pool.join();
     const std::size_t started_after = pool.workers_started();
+    listener.stop();  // every line the workers logged has been written when it returns
 
     // Step 3: the ledger of every task.
     Counts got;
@@ -401,6 +465,27 @@ int main(int argc, char** argv) {
         static_cast<std::size_t>(workers) + 1 + static_cast<std::size_t>(got.crashes);
     L.say("workers started: {} = {} + 1 (the crash in step 1) + {} (one per crash here)",
           started_after, workers, got.crashes);
+    // Step 4: the workers' log. One line per try: the 2 tries of step 1 and every try here.
+    L.step("the workers' log, gathered by one listener");
+    std::lock_guard log_lock(check.mutex);
+    bool lines_match_tries = true;
+    for (int i = 0; i < tasks; ++i) {
+      int lines_want = state[static_cast<std::size_t>(i)].tries + (i == 1 || i == 10 ? 1 : 0);
+      auto it = check.lines_of_task.find(i);
+      if ((it == check.lines_of_task.end() ? 0 : it->second) != lines_want)
+        lines_match_tries = false;
+    }
+    const int lines_expected = got.tries + 2;
+    L.say("{} lines from the workers (expected {}: one per try), {} not whole or not from a worker",
+          check.lines, lines_expected, check.bad);
+    L.say(
+        "{} of them announce a crash (step 1's and one per crash here): each arrived although "
+        "its worker died right after logging it",
+        check.crash_lines);
+    L.say("the lines of task {}:", sample_task);
+    for (const std::string& text : check.sample) L.say("  {}", text);
+    if (!log_file.empty()) L.say("every line is also in {}", log_file);
+
     L.say(
         "time {:.3f} s; the backoffs add up to {:.0f} ms (they overlap); a retry went out at least "
         "{:.3f} ms after "
@@ -424,6 +509,12 @@ int main(int argc, char** argv) {
     L.fact("retry_min_slack_ms", min_slack_ms < 1e9 ? min_slack_ms : 0.0);  // reported
     L.fact("seconds", secs);
     L.fact("backoff_ms", total_backoff_ms);
+    L.fact("worker_log_lines", check.lines);
+    L.fact("worker_log_lines_expected", lines_expected);
+    L.fact("worker_log_lines_match_tries", lines_match_tries);
+    L.fact("worker_lines_whole_with_pid", check.bad == 0 && check.lines > 0);
+    L.fact("worker_log_crash_lines", check.crash_lines);
+    L.fact("log_listener_failures", listener.failures());
 
     bool step1 =
         remote_type == "demo::TransientError" && remote_pid_is_worker && lost_signal == "SIGSEGV";
@@ -431,6 +522,8 @@ int main(int argc, char** argv) {
                      failures_kept == got.transient + got.permanent + got.crashes &&
                      failures_kept == got.tries - got.successes;
     bool workers_ok = started_after == started_expected;
-    return step1 && counts_ok && workers_ok && values_right && pids_are_workers;
+    bool log_ok = check.bad == 0 && check.lines == lines_expected && lines_match_tries &&
+                  check.crash_lines == got.crashes + 1 && listener.failures() == 0;
+    return step1 && counts_ok && workers_ok && values_right && pids_are_workers && log_ok;
   });
 }

@@ -6,6 +6,8 @@
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
+#include <set>
+#include <string>
 
 #include "run.hpp"
 #include "shm.hpp"
@@ -153,6 +155,44 @@ TEST_CASE("5_advanced/error_handling_retry: throws and crashes told apart, retri
   // Every crash cost a worker: 3 first workers + 1 for step 1's crash + 2.
   CHECK(r["workers_started"] == 6);
   CHECK(r["workers_started"] == r["workers_started_expected"]);
+  // The workers' log: one whole line per try (24 here, 2 in step 1), each with a worker's
+  // name and pid, the 3 lines logged just before a crash included.
+  CHECK(r["worker_log_lines"] == 26);
+  CHECK(r["worker_log_lines_expected"] == 26);
+  CHECK(r["worker_log_lines_match_tries"] == true);
+  CHECK(r["worker_lines_whole_with_pid"] == true);
+  CHECK(r["worker_log_crash_lines"] == 3);
+  CHECK(r["log_listener_failures"] == 0);
+}
+
+TEST_CASE("5_advanced/error_handling_retry: --log-file gets every worker line, whole",
+          "[lessons][5_advanced]") {
+  const auto dir = testing::scratch_dir("error_handling_retry");
+  std::filesystem::create_directories(dir);
+  const auto log = dir / "retry.log";
+  auto r =
+      testing::run_lesson_json("5_advanced/error_handling_retry",
+                               {"--tasks", "20", "--workers", "2", "--log-file", log.string()});
+  std::ifstream in(log);
+  std::string line;
+  int lines = 0, whole = 0;
+  std::set<std::string> levels;
+  while (std::getline(in, line)) {
+    ++lines;
+    // "2026-12-03 12:01:53.831 [CRITICAL/ForkPoolWorker-1:27257] task: task 10 try 1: ..."
+    auto open = line.find(" ["), colon = line.find(':', line.find("PoolWorker-")),
+         close = line.find("] task: task ");
+    if (open == 23 && colon != std::string::npos && close != std::string::npos && colon < close &&
+        line.find_first_not_of("0123456789", colon + 1) == close && close > colon + 1) {
+      ++whole;
+      levels.insert(line.substr(open + 2, line.find('/') - open - 2));
+    }
+  }
+  std::filesystem::remove_all(dir);
+  CHECK(lines == r["worker_log_lines"].get<int>());
+  CHECK(lines == r["counts"]["tries"].get<int>() + 2);
+  CHECK(whole == lines);
+  CHECK(levels == std::set<std::string>{"INFO", "WARNING", "ERROR", "CRITICAL"});
 }
 
 TEST_CASE("5_advanced/error_handling_retry: other flags, counts still as the schedule predicts",
