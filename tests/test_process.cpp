@@ -12,6 +12,7 @@
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <csignal>
+#include <mp/detail/fork_gate.hpp>
 #include <mp/detail/pidfd.hpp>
 #include <mp/process.hpp>
 #include <stdexcept>
@@ -418,4 +419,68 @@ TEST_CASE("process: a detached child may outlive its Process object", "[process]
   }
   CHECK(mp::active_children().empty());
   CHECK(reaped(pid));
+}
+
+// The fork gate (mp/detail/fork_gate.hpp): a fork must not run while one of mp's background
+// threads is inside a busy span (it may hold an allocator lock the child would inherit).
+TEST_CASE("process: a fork waits until mp's busy threads reach a safe point", "[process]") {
+  SECTION("a fork waits for an open span to close") {
+    std::atomic<int> step{0};
+    std::atomic<bool> opened{false};
+    std::thread busy([&] {
+      mp::detail::BusySpan span;
+      opened = true;
+      std::this_thread::sleep_for(50ms);  // long enough for the fork below to try
+      step = 1;                           // the last thing done inside the span
+    });
+    while (!opened) std::this_thread::yield();
+    int seen = -1;
+    {
+      mp::detail::ForkGuard gate;
+      seen = step.load();  // must be 1: the span closed before the gate was given
+    }
+    busy.join();
+    CHECK(seen == 1);
+  }
+  SECTION("a busy thread that checkpoints lets forks through, and the child starts processes") {
+    std::atomic<bool> stop{false};
+    std::atomic<long> steps{0};
+    auto worker = mp::detail::start_busy_thread([&](mp::detail::BusySpan& span) {
+      while (!stop) {
+        span.checkpoint();
+        std::vector<int> v(64);  // allocates inside the span, as the pool's service thread does
+        steps += static_cast<long>(v.size() / 64);
+      }
+    });
+    for (int i = 0; i < 20; ++i) {
+      // Each child starts a grandchild of its own: the gate was reset in the fork child.
+      mp::Process p{mp::get_context("fork"), [] {
+        mp::Process q{mp::get_context("fork"), [] {}};
+        q.start();
+        q.join();
+        return *q.exitcode();
+      }};
+      p.start();
+      p.join();
+      REQUIRE(p.exitcode() == 0);
+    }
+    stop = true;
+    worker.join();
+    CHECK(steps > 0);
+  }
+  SECTION("a thread inside a span may fork: its span is left for the fork") {
+    mp::detail::BusySpan span;
+    mp::Process p{mp::get_context("fork"), [] {}};
+    p.start();  // would wait for its own span for ever if it were not left
+    p.join();
+    CHECK(p.exitcode() == 0);
+    span.checkpoint();
+  }
+  SECTION("a fork under a guard the thread holds already does not wait for itself") {
+    mp::detail::ForkGuard outer;
+    mp::Process p{mp::get_context("fork"), [] {}};
+    p.start();  // takes a nested guard
+    p.join();
+    CHECK(p.exitcode() == 0);
+  }
 }
