@@ -296,10 +296,15 @@ TEST_CASE("lock: a later acquirer recovers the lock of a holder that died", "[lo
   REQUIRE(synctest::eventually([&] { return c->holding.load() == 1; }));
   holder.kill();
   REQUIRE(holder.join(60s));
+  // Held by a dead owner until someone recovers it (the kernel cleared its thread id),
+  // as Python's lock stays taken when its holder dies.
+  CHECK(lock.locked());
+  CHECK_FALSE(lock.held_by_me());
   CHECK(lock.try_acquire());
   CHECK(lock.owner_died());
   CHECK(lock.held_by_me());
   lock.release();
+  CHECK_FALSE(lock.locked());
   {
     std::lock_guard guard{lock};
     CHECK_FALSE(lock.owner_died());

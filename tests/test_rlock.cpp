@@ -190,6 +190,9 @@ TEST_CASE("rlock: a holder killed three levels deep: the next one gets it at dep
   holder.kill();
   REQUIRE(holder.join(60s));
   CHECK(holder.exitcode() == -SIGKILL);
+  // Held by a dead owner until someone recovers it (the kernel cleared its thread id).
+  CHECK(lock.locked());
+  CHECK_FALSE(lock.held_by_me());
   REQUIRE(lock.acquire(60s));
   CHECK(lock.owner_died());
   CHECK(lock.depth() == 1);

@@ -199,7 +199,11 @@ bool mutex_held_by_me(const MutexState& m) noexcept {
   return (mutex_word(m) & FUTEX_TID_MASK) == my_tid();
 }
 
-bool mutex_locked(const MutexState& m) noexcept { return (mutex_word(m) & FUTEX_TID_MASK) != 0; }
+// A holder that died with the lock leaves FUTEX_OWNER_DIED and no thread id in the word (the
+// kernel's robust-list walk at its exit): still locked, until the next acquirer recovers it.
+bool mutex_locked(const MutexState& m) noexcept {
+  return (mutex_word(m) & (FUTEX_TID_MASK | FUTEX_OWNER_DIED)) != 0;
+}
 
 // ---- SyncRegion ---------------------------------------------------------------------------
 

@@ -255,6 +255,8 @@ class Lock : public detail::LockableNames<Lock> {
   // How many times a dead holder's lock was recovered, over the lock's life.
   std::uint64_t recoveries() const noexcept;
   // Whether some thread of some process holds it now (a snapshot), and whether it is us.
+  // A holder that died with it still holds it, until the next acquirer recovers it (as in
+  // Python, where a dead holder never gives the semaphore back).
   bool locked() const noexcept;
   bool held_by_me() const noexcept;
 
