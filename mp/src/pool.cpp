@@ -1353,7 +1353,8 @@ class PoolEngine {
         return false;
       });
       if (stop) return;
-      span.idle([&] { job->complete(); });  // runs the callbacks (reporting what they throw), then ready
+      // Runs the callbacks (reporting what they throw), then marks the job ready.
+      span.idle([&] { job->complete(); });
       job.reset();  // in the span: this may free the job
     }
   }
