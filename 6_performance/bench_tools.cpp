@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
@@ -259,6 +260,30 @@ bool is_time(const std::string& unit) { return unit == "us" || unit == "ns" || u
 
 double cost_ratio(double a, double b, const std::string& unit) {
   return is_time(unit) ? a / b : b / a;
+}
+
+std::uint64_t hash_chain(std::uint64_t seed, long steps) {
+  std::uint64_t x = seed;
+  for (long i = 0; i < steps; ++i) {
+    x += 0x9e3779b97f4a7c15ULL;
+    std::uint64_t z = x;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    x = z ^ (z >> 31);
+  }
+  return x;
+}
+
+double hash_chain_rate(long probe, int tries) {
+  double best = 1e300;
+  for (int i = 0; i < tries; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    volatile std::uint64_t sink = hash_chain(static_cast<std::uint64_t>(i), probe);
+    (void)sink;
+    best = std::min(
+        best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return static_cast<double>(probe) / best;
 }
 
 }  // namespace bench

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <filesystem>
 #include <optional>
 #include <string>
@@ -48,6 +49,14 @@ std::filesystem::path gnuplot_png(const std::string& gnuplot, const std::filesys
 
 // A figure for a table: 12345678 -> "12.3 M", 45678 -> "45.7 k", 1234 -> "1234", 0.0291.
 std::string human(double v);
+
+// CPU-bound work that cannot be skipped: `steps` steps of a hash chain (splitmix64) from
+// `seed`. Each step needs the one before, so the compiler can neither drop nor vectorise them.
+std::uint64_t hash_chain(std::uint64_t seed, long steps);
+
+// Hash-chain steps per second on this machine now: the fastest of `tries` runs of `probe`
+// steps (the fastest is the one least disturbed by other programs).
+double hash_chain_rate(long probe, int tries);
 
 // The spread of repeated measurements of one figure.
 struct Spread {

@@ -47,18 +47,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// The CPU-bound task: `iterations` steps of a hash chain (splitmix64). Each step needs the
-// one before, so the compiler cannot skip or vectorise them away.
+// The CPU-bound task: `iterations` steps of a hash chain (bench_tools.hpp).
 std::uint64_t cpu_task(std::uint64_t seed, long iterations) {
-  std::uint64_t x = seed;
-  for (long i = 0; i < iterations; ++i) {
-    x += 0x9e3779b97f4a7c15ULL;
-    std::uint64_t z = x;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    x = z ^ (z >> 31);
-  }
-  return x;
+  return bench::hash_chain(seed, iterations);
 }
 
 // The I/O-bound task: one blocking read() of a timerfd that fires after `wait_us`, the
@@ -188,15 +179,8 @@ int main(int argc, char** argv) {
 
     // Step 2: calibrate the CPU-bound task to about --cpu-ms here (best of 3).
     L.step("the tasks");
-    const long probe = 2'000'000;
-    double best = 1e300;
-    for (int i = 0; i < 3; ++i) {
-      auto t0 = Clock::now();
-      volatile std::uint64_t sink = cpu_task(static_cast<std::uint64_t>(i), probe);
-      (void)sink;
-      best = std::min(best, seconds(Clock::now() - t0));
-    }
-    const long iterations = std::max(1000L, static_cast<long>(probe * (cpu_ms / 1000.0) / best));
+    const double rate = bench::hash_chain_rate(2'000'000, 3);
+    const long iterations = std::max(1000L, static_cast<long>(rate * (cpu_ms / 1000.0)));
     Args cpu_args, io_args;
     for (int i = 0; i < tasks; ++i) {
       cpu_args.emplace_back(static_cast<std::uint64_t>(i), iterations);

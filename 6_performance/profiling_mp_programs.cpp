@@ -98,18 +98,6 @@ struct TaskRecord {
   std::uint64_t value = 0;
 };
 
-// `steps` steps of a hash chain (splitmix64): each needs the one before, so none is skipped.
-std::uint64_t hash_chain(std::uint64_t x, long steps) {
-  for (long i = 0; i < steps; ++i) {
-    x += 0x9e3779b97f4a7c15ULL;
-    std::uint64_t z = x;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    x = z ^ (z >> 31);
-  }
-  return x;
-}
-
 // One task: compute for about `cost_ms` (steps_per_ms calibrated in the parent) or sleep
 // for `cost_ms`, between two readings of the shared clock.
 TaskRecord run_task(int index, int kind, int cost_ms, long steps_per_ms) {
@@ -119,7 +107,7 @@ TaskRecord run_task(int index, int kind, int cost_ms, long steps_per_ms) {
   const std::int64_t cpu0 = thread_cpu_ns();
   r.start_ns = now_ns();
   if (kind == kCompute) {
-    r.value = hash_chain(static_cast<std::uint64_t>(index), steps_per_ms * cost_ms);
+    r.value = bench::hash_chain(static_cast<std::uint64_t>(index), steps_per_ms * cost_ms);
   } else {
     std::this_thread::sleep_for(std::chrono::milliseconds(cost_ms));
     r.value = static_cast<std::uint64_t>(index);
@@ -159,15 +147,7 @@ std::vector<Task> make_tasks(int n, std::uint64_t seed) {
 
 // Hash-chain steps per millisecond here: the best of five probes.
 long calibrate() {
-  const long probe = 250'000;
-  double best = 1e300;
-  for (int i = 0; i < 5; ++i) {
-    std::int64_t t0 = now_ns();
-    volatile std::uint64_t sink = hash_chain(static_cast<std::uint64_t>(i), probe);
-    (void)sink;
-    best = std::min(best, ms(now_ns() - t0));
-  }
-  return std::max(1000L, static_cast<long>(probe / best));
+  return std::max(1000L, static_cast<long>(bench::hash_chain_rate(250'000, 5) / 1000.0));
 }
 
 struct Worker {
